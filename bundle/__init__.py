@@ -1,0 +1,1 @@
+"""Command-line tools around the bundle: ``python -m bundle <command> [--flags]``."""

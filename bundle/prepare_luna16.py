@@ -1,0 +1,36 @@
+"""``python -m bundle prepare-luna16``: a LUNA16-style folder -> the datalist JSON the configs read."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from custom_components.luna16 import build_datalist, write_datalist
+
+
+def prepare_luna16(luna_root: str, out: str, annotations: str | None = None, excluded: str | None = None) -> None:
+    """Write ``<out>/datalist.json`` (or ``out`` itself when it ends in ``.json``) and print a summary.
+
+    Args:
+        luna_root: folder with ``subset0..9/<seriesuid>.mhd`` (any of them) and/or flat ``<seriesuid>.mhd`` files.
+        out: output folder, or the datalist's path when it ends in ``.json``.
+        annotations: nodule table (default: ``annotations.csv`` in ``luna_root`` or its ``CSVFILES/``).
+        excluded: irrelevant findings (default: ``annotations_excluded.csv`` found the same way).
+    """
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".json":
+        out_path = out_path / "datalist.json"
+    datalist = build_datalist(luna_root, annotations=annotations, excluded=excluded)
+    write_datalist(datalist, out_path)
+    scans = datalist["scans"]
+    per_fold: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for scan in scans:
+        per_fold[scan["fold"]][0] += 1
+        per_fold[scan["fold"]][1] += len(scan["nodules"])
+    print(f"wrote {out_path}")
+    print(
+        f"{len(scans)} scans, {sum(len(s['nodules']) for s in scans)} nodules, "
+        f"{sum(len(s['excluded']) for s in scans)} excluded findings (root {datalist['root']})"
+    )
+    for fold in sorted(per_fold):
+        print(f"  fold {fold}: {per_fold[fold][0]} scans, {per_fold[fold][1]} nodules")

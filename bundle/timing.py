@@ -1,0 +1,39 @@
+"""Measuring helpers shared by the benchmark commands: median wall time over runs and the process's peak RSS."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def time_runs(func: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Call ``func`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    Returns ``{"median_s", "min_s", "max_s", "runs_s", "peak_rss_mb", "result"}``, ``result`` being the last return
+    value. The peak RSS is the whole process's (imports included), the honest figure a user would see.
+    """
+    result = None
+    for _ in range(warmup):
+        result = func()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = func()
+        runs.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(runs),
+        "min_s": min(runs),
+        "max_s": max(runs),
+        "runs_s": runs,
+        "peak_rss_mb": peak_rss_mb(),
+        "result": result,
+    }

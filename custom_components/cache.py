@@ -1,0 +1,141 @@
+"""Preprocessed scans cached on disk, one memory-mapped ``.npy`` per scan.
+
+Training crops many small patches from every scan each epoch; preprocessing a LUNA16 scan takes seconds, cropping a
+patch from a memory-mapped array microseconds. This is MONAI's ``PersistentDataset`` idea with one change that
+matters for patch sampling: the volume is stored as a plain ``.npy`` (float16, [0, 1]) that is memory-mapped, so a
+patch reads only its own bytes instead of unpickling the whole volume.
+
+A cache entry is ``<key>.npy`` (the image, ``(I, J, K)``) plus ``<key>.json`` (geometry and annotations), both written
+atomically; the JSON is written last, so an entry without JSON is incomplete and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import Dataset
+from tqdm import tqdm
+
+from custom_components.utils import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedScan:
+    """One preprocessed scan.
+
+    Attributes:
+        image: ``(I, J, K)`` float16 memory-mapped array, 1 mm voxels, intensities in [0, 1].
+        affine: ``(4, 4)`` voxel index -> LPS world mm of the original scan.
+        nodules_voxel: ``(N, 4)`` rows ``(ci, cj, ck, d)`` in voxels of ``image``.
+        excluded_voxel: ``(K, 4)`` the excluded findings likewise (``d < 0`` where the size is unknown).
+        nodules: ``(N, 4)`` rows ``(x, y, z, d)`` in LPS world mm, as in the datalist.
+        excluded: ``(K, 4)`` likewise.
+        seriesuid: the scan's identifier.
+    """
+
+    image: np.ndarray
+    affine: np.ndarray
+    nodules_voxel: np.ndarray
+    excluded_voxel: np.ndarray
+    nodules: np.ndarray
+    excluded: np.ndarray
+    seriesuid: str
+
+
+def _rows(value: Any) -> np.ndarray:
+    """``(N, 4)`` float32 array from a list/tensor of rows, ``(0, 4)`` when empty or absent."""
+    if value is None:
+        return np.zeros((0, 4), dtype=np.float32)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float32).reshape(-1, 4)
+
+
+class PreprocessedScans(Sequence[CachedScan]):
+    """Datalist entries preprocessed once and served from a disk cache.
+
+    Args:
+        data: datalist entries (``image``, ``seriesuid``, ``nodules``, ``excluded``; see ``docs/conventions.md``).
+        transform: the preprocessing chain (``configs`` id ``preprocessing``) mapping an entry to ``image``
+            ``(1, I, J, K)`` MetaTensor with an LPS affine, ``nodules_voxel`` and ``excluded_voxel``.
+        cache_dir: where the ``.npy``/``.json`` pairs live.
+        cache_key: a string that changes whenever the preprocessing parameters change (the configs pass the HU
+            window, spacing and margin); it is hashed with each entry, so a changed chain never reads stale volumes.
+        num_workers: processes used to preprocess the scans missing from the cache.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        transform: Callable[[dict], dict],
+        cache_dir: str | Path,
+        cache_key: str = "",
+        num_workers: int = 0,
+    ) -> None:
+        self.data = list(data)
+        self.transform = transform
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = [self._key(item, cache_key) for item in self.data]
+        self._build_missing(num_workers)
+        self._scans = [self._load(k) for k in self.keys]
+
+    @staticmethod
+    def _key(item: dict, cache_key: str) -> str:
+        text = json.dumps(item, sort_keys=True, default=str) + "|" + cache_key
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def _build_missing(self, num_workers: int) -> None:
+        missing = [i for i, k in enumerate(self.keys) if not (self.cache_dir / f"{k}.json").exists()]
+        if not missing:
+            return
+        # batch_size=None hands each preprocessed dict through unbatched; workers preprocess scans in parallel.
+        loader = torch.utils.data.DataLoader(
+            Dataset([self.data[i] for i in missing], transform=self.transform), batch_size=None, num_workers=num_workers
+        )
+        for i, out in tqdm(zip(missing, loader), total=len(missing), desc="preprocessing", unit="scan"):
+            self._store(self.keys[i], self.data[i], out)
+
+    def _store(self, key: str, item: dict, out: dict) -> None:
+        image = out["image"]
+        affine = np.asarray(image.affine if hasattr(image, "affine") else image.meta["affine"], dtype=np.float64)
+        array = np.asarray(image.detach().cpu().numpy()[0] if isinstance(image, torch.Tensor) else image[0])
+        with atomic_write(self.cache_dir / f"{key}.npy", "wb") as f:
+            np.save(f, array.astype(np.float16))
+        meta = {
+            "seriesuid": item.get("seriesuid", Path(str(item["image"])).stem),
+            "affine": affine.tolist(),
+            "nodules_voxel": _rows(out.get("nodules_voxel")).tolist(),
+            "excluded_voxel": _rows(out.get("excluded_voxel")).tolist(),
+            "nodules": _rows(item.get("nodules")).tolist(),
+            "excluded": _rows(item.get("excluded")).tolist(),
+        }
+        with atomic_write(self.cache_dir / f"{key}.json") as f:
+            json.dump(meta, f)
+
+    def _load(self, key: str) -> CachedScan:
+        meta = json.loads((self.cache_dir / f"{key}.json").read_text())
+        return CachedScan(
+            image=np.load(self.cache_dir / f"{key}.npy", mmap_mode="r"),
+            affine=np.asarray(meta["affine"], dtype=np.float64),
+            nodules_voxel=_rows(meta["nodules_voxel"]),
+            excluded_voxel=_rows(meta["excluded_voxel"]),
+            nodules=_rows(meta["nodules"]),
+            excluded=_rows(meta["excluded"]),
+            seriesuid=meta["seriesuid"],
+        )
+
+    def __len__(self) -> int:
+        return len(self._scans)
+
+    def __getitem__(self, index: int) -> CachedScan:  # type: ignore[override]
+        return self._scans[index]

@@ -1,0 +1,178 @@
+"""Inference wrapper with MONAI ``RetinaNetDetector``'s API: images in, nodule boxes/scores out (voxel coordinates).
+
+Training does not go through this class: it calls the network and :class:`custom_components.loss.DetectionLoss`
+directly on patches. Mapping the voxel boxes to LPS millimetres is the geometry module's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from monai.utils import BlendMode, PytorchPadMode
+from torch import Tensor, nn
+
+from custom_components.anchors import RegressionAnchors
+from custom_components.boxes import CubeCoder, cubes_to_standard
+from custom_components.postprocess import select_detections
+
+__all__ = ["NoduleDetector"]
+
+
+class NoduleDetector(nn.Module):
+    """Runs the two-head network on whole images (or with MONAI's sliding-window inferer) and selects nodule marks.
+
+    Args:
+        network: a :class:`custom_components.network.ResNetFPN` (or any module with the same outputs and the
+            attributes ``anchor_sizes``, ``strides`` and optionally ``size_divisible``; MONAI Label reads
+            ``detector.network``).
+        anchors: the network's regression anchors (default: built from ``network.anchor_sizes``/``strides``).
+        coder: offset coder (default :class:`CubeCoder()`).
+        inferer: optional sliding-window inferer (see :meth:`set_sliding_window_inferer`, which checks alignment).
+        score_thresh, topk_candidates, nms_thresh, max_detections, soft_nms, soft_nms_sigma: see
+            :func:`custom_components.postprocess.select_detections`.
+
+    ``detector(images, use_inferer=False)``: ``images`` is ``(B, 1, I, J, K)`` or a list of ``(1, I, J, K)`` tensors
+    (sizes may differ). Returns one dict per image: ``"box"`` ``(N, 6)`` MONAI StandardMode boxes in voxel coordinates
+    of the given tensor, ``"label"`` ``(N,)`` int64 zeros (one class), ``"label_scores"`` ``(N,)`` noduleness, and
+    ``"cube"`` ``(N, 4)`` ``(ci, cj, ck, d)``; keys follow :meth:`set_target_keys`. Runs in eval mode under
+    ``torch.inference_mode`` (the network's train/eval mode is restored afterwards).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        anchors: RegressionAnchors | None = None,
+        coder: CubeCoder | None = None,
+        inferer: SlidingWindowInferer | None = None,
+        score_thresh: float = 0.02,
+        topk_candidates: int = 1000,
+        nms_thresh: float = 0.1,
+        max_detections: int = 100,
+        soft_nms: bool = False,
+        soft_nms_sigma: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.anchors = anchors or RegressionAnchors(network.anchor_sizes, network.strides)
+        self.coder = coder or CubeCoder()
+        self.size_divisible = int(getattr(network, "size_divisible", 16))
+        self.inferer = inferer
+        self.set_box_selector_parameters(score_thresh, topk_candidates, nms_thresh, max_detections)
+        self.soft_nms = soft_nms
+        self.soft_nms_sigma = soft_nms_sigma
+        self.set_target_keys("box", "label")
+        self.cube_key = "cube"
+
+    def set_target_keys(self, box_key: str, label_key: str) -> None:
+        """Keys of the output dicts: boxes, labels and ``label_key + "_scores"`` (as MONAI)."""
+        self.target_box_key = box_key
+        self.target_label_key = label_key
+        self.pred_score_key = label_key + "_scores"
+
+    def set_box_selector_parameters(
+        self,
+        score_thresh: float = 0.02,
+        topk_candidates_per_level: int = 1000,
+        nms_thresh: float = 0.1,
+        detections_per_img: int = 100,
+        apply_sigmoid: bool = True,
+        soft_nms: bool | None = None,
+        soft_nms_sigma: float | None = None,
+    ) -> None:
+        """MONAI's box-selector settings; the candidate cap is over all anchors of an image, not per level.
+
+        ``apply_sigmoid`` is accepted for MONAI compatibility and must be True (the heads output logits).
+        """
+        if not apply_sigmoid:
+            raise ValueError("the network outputs noduleness logits, apply_sigmoid must be True")
+        self.score_thresh = score_thresh
+        self.topk_candidates = topk_candidates_per_level
+        self.nms_thresh = nms_thresh
+        self.max_detections = detections_per_img
+        if soft_nms is not None:
+            self.soft_nms = soft_nms
+        if soft_nms_sigma is not None:
+            self.soft_nms_sigma = soft_nms_sigma
+
+    def set_sliding_window_inferer(
+        self,
+        roi_size: Sequence[int] | int,
+        sw_batch_size: int = 1,
+        overlap: float = 0.25,
+        mode: BlendMode | str = BlendMode.CONSTANT,
+        sigma_scale: Sequence[float] | float = 0.125,
+        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
+        cval: float = 0.0,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        cache_roi_weight_map: bool = False,
+    ) -> None:
+        """MONAI's :class:`SlidingWindowInferer` with the same arguments as ``RetinaNetDetector``'s.
+
+        Windows must start on the coarsest head's grid so that each window's output cells land on whole cells of the
+        stitched map: ``roi_size`` (each positive entry) must be a multiple of ``size_divisible`` (16) and
+        ``int(roi * (1 - overlap))`` a multiple of 4 (e.g. 96 or 128 with overlap 0.25 or 0.5). The image is padded to
+        a multiple of 16 before windowing. On a CPU prefer ``sw_batch_size >= 2``: for batch-1 inputs with
+        ``B*C*I*J <= 20480`` PyTorch picks its slow native conv3d instead of oneDNN.
+        """
+        rois = [roi_size] * 3 if isinstance(roi_size, int) else list(roi_size)
+        coarsest = max(self.anchors.strides)
+        for roi in rois:
+            if roi > 0 and (roi % self.size_divisible or int(roi * (1 - overlap)) % coarsest):
+                raise ValueError(
+                    f"roi_size {roi_size} with overlap {overlap} misaligns the output cells: need roi % "
+                    f"{self.size_divisible} == 0 and int(roi * (1 - overlap)) % {coarsest} == 0"
+                )
+        self.inferer = SlidingWindowInferer(
+            roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device, device, progress,
+            cache_roi_weight_map,
+        )
+
+    def _head_outputs(self, images: Tensor, use_inferer: bool) -> list[Tensor]:
+        """Network outputs for ``images (B, 1, I, J, K)``, cropped to the head grids of ``(I, J, K)``."""
+        if not use_inferer:
+            return list(self.network(images))
+        if self.inferer is None:
+            raise ValueError("use_inferer=True needs set_sliding_window_inferer(...) to be called first")
+        size = images.shape[2:]
+        roi = self.inferer.roi_size
+        rois = [roi] * 3 if isinstance(roi, int) else list(roi)
+        padded = [max(n, r) for n, r in zip(size, rois)]
+        padded = [n + (-n) % self.size_divisible for n in padded]
+        pad = [p - n for p, n in zip(padded, size)]
+        images = F.pad(images, [0, pad[2], 0, pad[1], 0, pad[0]])
+        outputs = self.inferer(images, self.network)
+        grids = self.anchors.grid_shapes(size)
+        return [o[:, :, : g[0], : g[1], : g[2]] for o, g in zip(outputs, grids)]
+
+    def forward(self, input_images: Tensor | list[Tensor], use_inferer: bool = False) -> list[dict[str, Tensor]]:
+        if isinstance(input_images, Tensor):
+            batches = [input_images]
+        else:
+            batches = [img[None] for img in input_images]
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with torch.inference_mode():
+                results = []
+                for images in batches:
+                    outputs = self._head_outputs(images, use_inferer)
+                    for cubes, scores in select_detections(
+                        outputs, self.anchors, self.coder, self.score_thresh, self.topk_candidates,
+                        self.nms_thresh, self.max_detections, self.soft_nms, self.soft_nms_sigma,
+                    ):
+                        results.append(
+                            {
+                                self.target_box_key: cubes_to_standard(cubes),
+                                self.target_label_key: torch.zeros_like(scores, dtype=torch.long),
+                                self.pred_score_key: scores,
+                                self.cube_key: cubes,
+                            }
+                        )
+        finally:
+            self.network.train(was_training)
+        return results

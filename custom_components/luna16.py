@@ -1,0 +1,245 @@
+"""LUNA16 tables and folders -> the bundle's datalist (``docs/conventions.md``).
+
+LUNA16 ships its scans as ``subset0/`` .. ``subset9/`` folders of ``<seriesuid>.mhd`` + ``.raw``, and three tables:
+``annotations.csv`` (the 1186 nodules), ``annotations_excluded.csv`` (irrelevant findings, ``diameter_mm = -1`` when
+no size is known), both with header ``seriesuid,coordX,coordY,coordZ,diameter_mm`` in LPS world mm, and
+``seriesuids.csv`` (one seriesuid a line, no header in LUNA16's own file). Rows in error messages are file lines,
+the header being row 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from custom_components.errors import InputError
+from custom_components.utils import atomic_write
+
+__all__ = [
+    "ANNOTATION_COLUMNS",
+    "read_annotations",
+    "read_seriesuids",
+    "find_scans",
+    "fold_of",
+    "build_datalist",
+    "write_datalist",
+]
+
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+SCAN_SUFFIXES = (".mhd", ".mha", ".nii.gz", ".nii")
+N_FOLDS = 5
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_SUBSET = re.compile(r"^subset([0-9])$")
+_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")  # a JSON list of numbers only, spread over lines
+
+
+def read_annotations(path: str | os.PathLike, allow_unknown_diameter: bool = False) -> dict[str, list[list[float]]]:
+    """Read a LUNA16 annotations table: seriesuid -> rows ``[x, y, z, d]`` (LPS mm, file order).
+
+    Args:
+        path: CSV with at least the columns of :data:`ANNOTATION_COLUMNS` (any order, more columns allowed).
+        allow_unknown_diameter: accept ``diameter_mm <= 0`` (``annotations_excluded.csv`` uses -1 for "unknown");
+            otherwise a diameter must be positive.
+
+    Raises:
+        InputError: missing file, empty file, missing column, short row, empty seriesuid, a value that is not a
+            finite number, a non-positive diameter; the message names the file and row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    table: dict[str, list[list[float]]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise InputError(f"{path}: empty file (expected a header {','.join(ANNOTATION_COLUMNS)})")
+        header = [h.strip() for h in header]
+        missing = [c for c in ANNOTATION_COLUMNS if c not in header]
+        if missing:
+            raise InputError(
+                f"{path}: row 1 (header): missing column(s) {', '.join(missing)}; found {', '.join(header)}"
+            )
+        columns = [header.index(c) for c in ANNOTATION_COLUMNS]
+        for row_number, row in enumerate(reader, start=2):
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(columns):
+                raise InputError(f"{path}: row {row_number}: {len(row)} values, expected {len(header)}")
+            uid = row[columns[0]].strip()
+            if not uid:
+                raise InputError(f"{path}: row {row_number}: empty seriesuid")
+            values = []
+            for name, column in zip(ANNOTATION_COLUMNS[1:], columns[1:]):
+                cell = row[column].strip()
+                try:
+                    value = float(cell)
+                except ValueError:
+                    value = math.nan
+                if not math.isfinite(value):
+                    raise InputError(f"{path}: row {row_number}: {name} = {cell!r} is not a number")
+                values.append(value)
+            if values[3] <= 0 and not allow_unknown_diameter:
+                raise InputError(f"{path}: row {row_number}: diameter_mm = {values[3]:g} must be positive")
+            table.setdefault(uid, []).append(values)
+    return table
+
+
+def read_seriesuids(path: str | os.PathLike) -> list[str]:
+    """Read a list of seriesuids, one a line: LUNA16's header-less ``seriesuids.csv`` or one with a ``seriesuid``
+    header (only the first column is read). Raises :class:`InputError` (file and row) for an empty file or a value
+    that is not a DICOM UID (digits and dots)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    uids: list[str] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row_number, row in enumerate(csv.reader(f), start=1):
+            cell = row[0].strip() if row else ""
+            if not cell or (row_number == 1 and cell == "seriesuid"):
+                continue
+            if not _UID.match(cell):
+                raise InputError(f"{path}: row {row_number}: {cell!r} is not a seriesuid (digits and dots)")
+            uids.append(cell)
+    if not uids:
+        raise InputError(f"{path}: empty file (expected one seriesuid a line)")
+    return uids
+
+
+def _scan_uid(path: Path) -> str | None:
+    name = path.name
+    for suffix in SCAN_SUFFIXES:
+        if name.lower().endswith(suffix):
+            uid = name[: -len(suffix)]
+            return uid if _UID.match(uid) else None
+    return None
+
+
+def find_scans(luna_root: str | os.PathLike) -> dict[str, tuple[Path, int | None]]:
+    """Scans under ``luna_root``: seriesuid -> (absolute path, LUNA16 subset or ``None``).
+
+    Looks in ``subset0`` .. ``subset9`` folders (at any depth, e.g. ``subset3/subset3/`` as some unzip tools leave
+    them), and directly in ``luna_root`` (a flat folder, subset unknown). A scan is a file named
+    ``<seriesuid>`` + one of :data:`SCAN_SUFFIXES`. Raises :class:`InputError` when ``luna_root`` is not a folder or
+    a seriesuid appears twice.
+    """
+    root = Path(luna_root).resolve()
+    if not root.is_dir():
+        raise InputError(f"{luna_root}: not a folder (expected a LUNA16-style root with subset0..9/ or .mhd files)")
+    candidates: list[tuple[Path, int | None]] = [(p, None) for p in sorted(root.iterdir()) if p.is_file()]
+    for folder in sorted(p for p in root.rglob("subset*") if p.is_dir()):
+        match = _SUBSET.match(folder.name)
+        if match:
+            candidates += [(p, int(match.group(1))) for p in sorted(folder.iterdir()) if p.is_file()]
+    scans: dict[str, tuple[Path, int | None]] = {}
+    for path, subset in candidates:
+        uid = _scan_uid(path)
+        if uid is None:
+            continue
+        if uid in scans:
+            raise InputError(f"{path}: seriesuid {uid} also found at {scans[uid][0]}")
+        scans[uid] = (path, subset)
+    return scans
+
+
+def fold_of(seriesuid: str, subset: int | None) -> int:
+    """5-fold cross-validation fold: ``subset // 2`` for a LUNA16 subset 0..9, else a stable hash of the seriesuid
+    (``int(sha1(seriesuid).hexdigest(), 16) % 5``, the same on every machine and Python run)."""
+    if subset is not None:
+        return int(subset) // 2
+    return int(hashlib.sha1(seriesuid.encode("utf-8")).hexdigest(), 16) % N_FOLDS
+
+
+def _default_table(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root / "CSVFILES" / name, root / "evaluationScript" / "annotations" / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _split_by_disk(
+    table: dict[str, list[list[float]]], on_disk: dict[str, Any], source: Path, root: Path
+) -> dict[str, list[list[float]]]:
+    """Keep the series of ``table`` present on disk; warn (how many series and rows) about the others."""
+    absent = [uid for uid in table if uid not in on_disk]
+    if absent:
+        rows = sum(len(table[uid]) for uid in absent)
+        warnings.warn(
+            f"{source}: {len(absent)} of {len(table)} series ({rows} rows) are not under {root} and are skipped",
+            stacklevel=3,
+        )
+    return {uid: rows for uid, rows in table.items() if uid in on_disk}
+
+
+def build_datalist(
+    luna_root: str | os.PathLike,
+    annotations: str | os.PathLike | None = None,
+    excluded: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Build the datalist (``docs/conventions.md``) of the scans found under ``luna_root``.
+
+    Args:
+        luna_root: LUNA16-style root (``subset0..9/`` and/or flat ``<seriesuid>.mhd`` files); any subset of the
+            scans may be present.
+        annotations: nodule table; default ``annotations.csv`` in ``luna_root`` (or its ``CSVFILES/``). Without
+            one, every scan gets ``nodules = []`` (a warning says so).
+        excluded: irrelevant-findings table; default ``annotations_excluded.csv`` found the same way, else none.
+        name: datalist name (default: the root folder's name).
+
+    Returns:
+        ``{"name", "root", "scans": [{"image", "seriesuid", "subset", "fold", "nodules", "excluded"}, ...]}``, scans
+        sorted by seriesuid, nodule rows ``[x, y, z, d]`` in LPS mm exactly as in the tables. Series annotated but
+        not on disk are skipped with a warning saying how many.
+
+    Raises:
+        InputError: no scan found, or a bad table (see :func:`read_annotations`).
+    """
+    root = Path(luna_root).resolve()
+    scans = find_scans(root)
+    if not scans:
+        raise InputError(
+            f"{luna_root}: no scans found (expected subset0..9/<seriesuid>.mhd or <seriesuid>.mhd/.nii.gz files)"
+        )
+    annotations_path = Path(annotations) if annotations is not None else _default_table(root, "annotations.csv")
+    excluded_path = Path(excluded) if excluded is not None else _default_table(root, "annotations_excluded.csv")
+    nodules: dict[str, list[list[float]]] = {}
+    findings: dict[str, list[list[float]]] = {}
+    if annotations_path is None:
+        warnings.warn(f"{root}: no annotations.csv found; every scan gets an empty nodule list", stacklevel=2)
+    else:
+        nodules = _split_by_disk(read_annotations(annotations_path), scans, annotations_path, root)
+    if excluded_path is not None:
+        findings = _split_by_disk(
+            read_annotations(excluded_path, allow_unknown_diameter=True), scans, excluded_path, root
+        )
+    entries = [
+        {
+            "image": str(path),
+            "seriesuid": uid,
+            "subset": subset,
+            "fold": fold_of(uid, subset),
+            "nodules": nodules.get(uid, []),
+            "excluded": findings.get(uid, []),
+        }
+        for uid, (path, subset) in sorted(scans.items())
+    ]
+    return {"name": name or root.name, "root": str(root), "scans": entries}
+
+
+def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``datalist`` as indented JSON, one nodule row a line, atomically
+    (:func:`custom_components.utils.atomic_write`)."""
+    path = Path(path)
+    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",
+                            json.dumps(datalist, indent=2))
+    with atomic_write(path) as f:
+        f.write(text + "\n")
+    return path

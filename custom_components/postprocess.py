@@ -1,0 +1,86 @@
+"""From head outputs to nodule marks (§2.2): noduleness threshold, a candidate cap, then NMS or Gaussian soft-NMS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.data.box_utils import non_max_suppression
+from torch import Tensor
+
+from custom_components.anchors import RegressionAnchors, flatten_outputs
+from custom_components.boxes import CubeCoder, cube_iou, cubes_to_standard
+
+__all__ = ["gaussian_soft_nms", "select_detections"]
+
+
+def gaussian_soft_nms(
+    cubes: Tensor, scores: Tensor, sigma: float = 0.5, score_thresh: float = 0.001, max_detections: int = 100
+) -> tuple[Tensor, Tensor]:
+    """Gaussian soft-NMS (Bodla et al. 2017) on cubes ``(N, 4)`` with scores ``(N,)``.
+
+    Repeatedly keeps the highest-scoring cube ``m`` and decays every remaining score by ``exp(-IoU(m, c)^2 / sigma)``
+    instead of deleting overlapping cubes, so two touching nodules both survive. Cubes whose decayed score falls to
+    ``score_thresh`` or below are dropped. Returns the kept cubes ``(K, 4)`` and their decayed scores ``(K,)``, in
+    the order kept (non-increasing scores), ``K <= max_detections``.
+    """
+    remaining = scores.clone()
+    alive = remaining > score_thresh
+    kept: list[int] = []
+    kept_scores: list[Tensor] = []
+    while len(kept) < max_detections and bool(alive.any()):
+        best = int(torch.where(alive, remaining, torch.full_like(remaining, -1.0)).argmax())
+        kept.append(best)
+        kept_scores.append(remaining[best])
+        alive[best] = False
+        iou = cube_iou(cubes, cubes[best : best + 1]).squeeze(1)
+        remaining = remaining * torch.exp(-(iou**2) / sigma)
+        alive &= remaining > score_thresh
+    index = torch.tensor(kept, dtype=torch.long, device=cubes.device)
+    return cubes[index], (torch.stack(kept_scores) if kept_scores else scores[:0])
+
+
+def select_detections(
+    outputs: Sequence[Tensor],
+    anchors: RegressionAnchors,
+    coder: CubeCoder,
+    score_thresh: float = 0.02,
+    topk_candidates: int = 1000,
+    nms_thresh: float = 0.1,
+    max_detections: int = 100,
+    soft_nms: bool = False,
+    soft_nms_sigma: float = 0.5,
+) -> list[tuple[Tensor, Tensor]]:
+    """Nodule marks of each image of a batch of head outputs.
+
+    Steps per image: noduleness ``sigmoid(logit)`` of all ``N`` anchors; keep those above ``score_thresh``; keep the
+    ``topk_candidates`` highest (MONAI's NMS is a Python loop, the cap keeps it cheap); decode their offsets; NMS
+    (MONAI's 3D ``non_max_suppression`` on the cubes' StandardMode boxes, IoU > ``nms_thresh`` suppressed) or, with
+    ``soft_nms``, Gaussian soft-NMS; at most ``max_detections`` marks. The default threshold is low on purpose: a
+    FROC curve needs enough marks per scan to reach 8 FP/scan.
+
+    Args:
+        outputs: the network's head outputs ``[(B, A_h*5, I_h, J_h, K_h), ...]``.
+        anchors: regression anchors of those heads.
+        coder: decodes offsets to cubes.
+
+    Returns:
+        ``B`` pairs ``(cubes (K, 4) (ci, cj, ck, d) in input voxel coordinates, scores (K,))``, scores descending.
+    """
+    flat = flatten_outputs(outputs)
+    anchor_cubes = anchors.for_outputs(outputs)
+    results = []
+    for b in range(flat.shape[0]):
+        scores = torch.sigmoid(flat[b, :, 0])
+        candidates = torch.nonzero(scores > score_thresh).squeeze(1)
+        if candidates.numel() > topk_candidates:
+            candidates = candidates[scores[candidates].topk(topk_candidates).indices]
+        cubes = coder.decode(flat[b, candidates, 1:], anchor_cubes[candidates])
+        scores = scores[candidates]
+        if soft_nms:
+            cubes, scores = gaussian_soft_nms(cubes, scores, soft_nms_sigma, score_thresh, max_detections)
+        else:
+            keep = non_max_suppression(cubes_to_standard(cubes), scores, nms_thresh, max_proposals=max_detections)
+            cubes, scores = cubes[keep], scores[keep]
+        results.append((cubes, scores))
+    return results

@@ -1,0 +1,21 @@
+"""Synthetic chest CT with annotated lung nodules, written in LUNA16's format: the bundle's embedded default data.
+
+Small chests by default (a CPU trains on them in minutes), LUNA16-sized adult chests with ``full_size``. Each scan has
+anisotropic spacing, a body with fat, muscle, ribs and spine, a mediastinum with heart, aorta and airways, two
+textured lungs filled with branching vessel trees (the hard negatives), and 0-6 nodules (solid, part-solid,
+ground-glass; free, juxta-pleural, juxta-vascular) whose diameters follow LUNA16's, plus tiny excluded findings.
+See docs/synthetic_cohort.md.
+"""
+
+from custom_components.synth.cohort import SyntheticScan, generate_cohort, seriesuid, synthesize_scan, write_scan
+from custom_components.synth.nodules import sample_diameters, sample_nodule_count
+
+__all__ = [
+    "SyntheticScan",
+    "generate_cohort",
+    "synthesize_scan",
+    "write_scan",
+    "seriesuid",
+    "sample_diameters",
+    "sample_nodule_count",
+]

@@ -1,0 +1,53 @@
+"""The training iteration for MONAI's ``SupervisedTrainer``: patches in, detection loss parts out.
+
+``SupervisedTrainer``'s default iteration takes one loss tensor; the detector's loss has parts (classification on the
+positives and the hard negatives, regression on the positives) that users want to watch, and targets that are lists of
+boxes of varying length per patch, so the configs pass :func:`detection_iteration` as ``iteration_update``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+
+def detection_iteration(engine: SupervisedTrainer, batch: dict[str, Any]) -> dict[str, Any]:
+    """One SGD step on a batch of patches.
+
+    Args:
+        engine: the trainer; ``engine.loss_function`` is a :class:`custom_components.loss.DetectionLoss`.
+        batch: ``{"image": (B, 1, γ, γ, γ), "boxes": list of (M_b, 4), "ignore": list of (K_b, 4)}`` patch voxel
+            cubes, as :func:`custom_components.sampling.collate_patches` makes it.
+
+    Returns:
+        ``{"loss", "loss_cls", "loss_reg", "num_pos", "num_neg"}`` as Python numbers (``engine.state.output``).
+    """
+    device = engine.state.device
+    images = batch["image"].to(device, non_blocking=engine.non_blocking)
+    boxes = [b.to(device) for b in batch["boxes"]]
+    ignore = [b.to(device) for b in batch["ignore"]]
+    engine.network.train()
+    engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+    with torch.autocast(device_type=device.type if isinstance(device, torch.device) else str(device), enabled=engine.amp):
+        outputs = engine.network(images)
+        engine.state.output = {Keys.IMAGE: images, Keys.PRED: outputs}
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        parts = engine.loss_function(outputs, boxes, ignore)
+    loss = parts["loss"]
+    engine.state.output[Keys.LOSS] = loss
+    engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    if engine.amp and engine.scaler is not None:
+        engine.scaler.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    else:
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in parts.items()}

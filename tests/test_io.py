@@ -1,0 +1,232 @@
+"""SimpleITKReader (MetaImage, NIfTI, DICOM), its error messages, and the world <-> voxel geometry helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+from custom_components.errors import InputError
+from custom_components.geometry import (
+    nodules_voxel_to_world,
+    nodules_world_to_voxel,
+    voxel_to_world,
+    world_to_voxel,
+)
+from custom_components.io import LoadCTd, SimpleITKReader, read_image
+from tests.conftest import LIDC_0001_UID
+
+# An oblique, anisotropic, off-origin grid: a rotation about z by 30 degrees followed by a flip of the slice axis.
+_C, _S = np.cos(np.pi / 6), np.sin(np.pi / 6)
+DIRECTION = np.array([[_C, -_S, 0.0], [_S, _C, 0.0], [0.0, 0.0, -1.0]])
+SPACING = (0.7, 0.9, 2.5)
+ORIGIN = (-120.5, 33.25, -310.0)
+
+
+def synthetic_ct(size=(24, 20, 12), seed=0) -> sitk.Image:
+    """An int16 HU volume (air, soft tissue, bone) on the oblique grid above; ``size`` is (I, J, K)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(-1000, 1200, size=size[::-1]).astype(np.int16)  # (K, J, I)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    image.SetOrigin(ORIGIN)
+    image.SetDirection(DIRECTION.ravel().tolist())
+    return image
+
+
+def load(path, **reader_args):
+    chain = Compose(
+        [
+            LoadImaged(keys="image", reader=SimpleITKReader(**reader_args), image_only=True, dtype=None),
+            EnsureChannelFirstd(keys="image"),
+        ]
+    )
+    return chain({"image": str(path)})["image"]
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nii.gz"])
+def test_reader_matches_simpleitk(tmp_path: Path, suffix: str):
+    reference = synthetic_ct()
+    path = tmp_path / f"1.2.840.99.7{suffix}"
+    sitk.WriteImage(reference, str(path))
+    written = sitk.ReadImage(str(path))  # what SimpleITK itself reads back (NIfTI may round the direction)
+    image = load(path)
+
+    assert image.shape == (1, 24, 20, 12) and image.dtype == torch.int16
+    np.testing.assert_array_equal(image[0].numpy(), sitk.GetArrayFromImage(written).T)
+    assert image.meta["space"] == "LPS"
+    np.testing.assert_allclose(image.meta["spacing"], written.GetSpacing())
+    np.testing.assert_allclose(image.affine.numpy(), image.meta["original_affine"])
+    for index in [(0, 0, 0), (23, 19, 11), (5, 17, 3)]:
+        world = voxel_to_world(np.array([index], dtype=float), image.affine)[0]
+        np.testing.assert_allclose(world, written.TransformIndexToPhysicalPoint(index), atol=1e-4)
+        np.testing.assert_allclose(world, reference.TransformIndexToPhysicalPoint(index), atol=1e-3)
+    assert image.meta["filename_or_obj"] == str(path)
+    if suffix == ".mhd":
+        assert image.meta["seriesuid"] == "1.2.840.99.7"  # LUNA16: the file stem is the seriesuid
+
+
+def test_reader_default_dtype_and_suffixes(tmp_path: Path):
+    path = tmp_path / "scan.mha"
+    sitk.WriteImage(synthetic_ct(), str(path))
+    chain = Compose([LoadImaged(keys="image", reader=SimpleITKReader(), image_only=True), EnsureChannelFirstd("image")])
+    image = chain({"image": str(path)})["image"]
+    assert image.dtype == torch.float32 and image.shape == (1, 24, 20, 12)
+    reader = SimpleITKReader()
+    assert reader.verify_suffix(str(path)) and reader.verify_suffix(str(tmp_path))
+    assert not reader.verify_suffix("notes.txt")
+
+
+def test_geometry_round_trips():
+    image = synthetic_ct()
+    affine = np.eye(4)
+    affine[:3, :3] = DIRECTION @ np.diag(SPACING)
+    affine[:3, 3] = ORIGIN
+    rng = np.random.default_rng(1)
+    world = rng.uniform(-200, 200, size=(50, 3))
+
+    voxels = world_to_voxel(world, affine)
+    np.testing.assert_allclose(voxel_to_world(voxels, affine), world, atol=1e-9)
+    index = (3, 7, 5)
+    np.testing.assert_allclose(
+        world_to_voxel(np.array([image.TransformIndexToPhysicalPoint(index)]), affine)[0], index, atol=1e-9
+    )
+
+    nodules = np.column_stack([world, rng.uniform(3, 30, 50)])
+    nodules[::7, 3] = -1.0  # excluded findings of unknown size
+    as_voxels = nodules_world_to_voxel(nodules, affine)
+    assert as_voxels.shape == (50, 4)
+    sized = nodules[:, 3] > 0
+    np.testing.assert_allclose(as_voxels[sized, 3] * np.prod(SPACING) ** (1 / 3), nodules[sized, 3])
+    assert np.all(as_voxels[::7, 3] == -1.0)
+    np.testing.assert_allclose(nodules_voxel_to_world(as_voxels, affine), nodules, atol=1e-9)
+
+    tensor = torch.as_tensor(nodules, dtype=torch.float32)
+    back = nodules_voxel_to_world(nodules_world_to_voxel(tensor, torch.as_tensor(affine)), affine)
+    assert isinstance(back, torch.Tensor) and back.dtype == torch.float32
+    torch.testing.assert_close(back, tensor, atol=1e-3, rtol=0)
+    assert nodules_world_to_voxel(np.zeros((0, 4)), affine).shape == (0, 4)
+
+
+def test_dicom_series_matches_mhd(lidc_dir: Path, lidc_0001_dicom: Path):
+    mhd = read_image(lidc_dir / f"{LIDC_0001_UID}.mhd").image
+    loaded = read_image(lidc_0001_dicom)  # the patient folder: the series is found two levels down
+    dicom = loaded.image
+    assert loaded.seriesuid == LIDC_0001_UID
+    assert dicom.GetSize() == mhd.GetSize() == (512, 512, 133)
+    np.testing.assert_allclose(dicom.GetOrigin(), mhd.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(dicom.GetSpacing(), mhd.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(dicom.GetDirection(), mhd.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(dicom), sitk.GetArrayViewFromImage(mhd))
+
+
+def _write_dicom_series(folder: Path, series_uid: str, slices: int, first_file: int) -> None:
+    """A small axial CT series written slice by slice with SimpleITK (explicit UIDs and positions)."""
+    for k in range(slices):
+        plane = sitk.GetImageFromArray(np.full((1, 8, 10), -1000 + 400 * k, dtype=np.int16))
+        plane.SetSpacing((0.8, 0.8, 2.0))
+        tags = {
+            "0008|0060": "CT",
+            "0010|0020": "PHANTOM",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": f"0\\0\\{2.0 * k}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0008|0018": f"{series_uid}.{k + 1}",
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{first_file + k:04d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_several_dicom_series_in_one_folder(tmp_path: Path):
+    first, second = "1.2.826.0.1.3680043.2.1125.11", "1.2.826.0.1.3680043.2.1125.22"
+    _write_dicom_series(tmp_path, first, slices=3, first_file=0)
+    _write_dicom_series(tmp_path, second, slices=4, first_file=100)
+
+    with pytest.raises(InputError) as err:
+        read_image(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and "2 DICOM series" in message
+    assert f"{first} (3 slices)" in message and f"{second} (4 slices)" in message
+
+    image = load(tmp_path, series_uid=second)
+    assert image.shape == (1, 10, 8, 4) and image.meta["seriesuid"] == second
+    np.testing.assert_allclose(image.affine.numpy()[:3, 3], (0, 0, 0), atol=1e-6)
+    np.testing.assert_allclose(np.diag(image.affine.numpy())[:3], (0.8, 0.8, 2.0), atol=1e-6)
+    assert image[0, 0, 0].tolist() == [-1000, -600, -200, 200]
+
+
+def test_missing_file(tmp_path: Path):
+    with pytest.raises(InputError, match=r"nowhere\.mhd: file not found"):
+        read_image(tmp_path / "nowhere.mhd")
+    with pytest.raises(InputError, match=r"nowhere\.nii\.gz: file not found"):
+        LoadCTd(keys="image")({"image": str(tmp_path / "nowhere.nii.gz")})
+
+
+def test_truncated_and_missing_raw(tmp_path: Path):
+    path = tmp_path / "scan.mhd"
+    sitk.WriteImage(synthetic_ct(), str(path))  # uncompressed: scan.raw
+    raw = tmp_path / "scan.raw"
+    raw.write_bytes(raw.read_bytes()[:1000])
+    with pytest.raises(InputError, match=r"scan\.mhd: data file scan\.raw is truncated \(1000 bytes") as err:
+        read_image(path)
+    assert str(path) in str(err.value)
+    raw.unlink()
+    with pytest.raises(InputError, match=r"scan\.mhd: data file scan\.raw is missing"):
+        read_image(path)
+
+
+def test_broken_header(tmp_path: Path):
+    path = tmp_path / "scan.mhd"
+    sitk.WriteImage(synthetic_ct(), str(path))
+    header = path.read_text()
+    path.write_text("\n".join(line for line in header.splitlines() if not line.startswith("ElementDataFile")))
+    with pytest.raises(InputError, match=r"scan\.mhd: header is unreadable \(ElementDataFile missing\)"):
+        read_image(path)
+    path.write_text(header.replace("DimSize = 24 20 12", "DimSize = 24 twenty 12"))
+    with pytest.raises(InputError, match=r"scan\.mhd: header is unreadable \(NDims/DimSize"):
+        read_image(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(InputError, match=r"scan\.mhd: header is unreadable"):
+        read_image(path)
+
+
+def test_not_an_image_wraps_simpleitk_error(tmp_path: Path):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(b"this is not a NIfTI file")
+    with pytest.raises(InputError, match=r"scan\.nii\.gz: cannot be read as an image") as err:
+        read_image(path)
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
+def test_2d_image(tmp_path: Path):
+    path = tmp_path / "slice.mhd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((16, 16), -1000, dtype=np.int16)), str(path))
+    with pytest.raises(InputError, match=r"slice\.mhd: is a 2D image of size 16x16, expected a 3D CT volume"):
+        read_image(path)
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 16, 16), -1000, dtype=np.int16)), str(flat))
+    with pytest.raises(InputError, match=r"flat\.nii\.gz: is a 3D image of size 16x16x1"):
+        read_image(flat)
+
+
+def test_values_not_hounsfield(tmp_path: Path):
+    mri = tmp_path / "t1.nii.gz"
+    values = np.random.default_rng(0).integers(0, 900, (8, 16, 16)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(mri))
+    with pytest.raises(InputError, match=r"t1\.nii\.gz: values are not CT Hounsfield units \(range \[0"):
+        read_image(mri)
+    only_air = tmp_path / "air.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 16, 16), -2048, dtype=np.int16)), str(only_air))
+    with pytest.raises(InputError, match=r"air\.nii\.gz: .*only air"):
+        read_image(only_air)
+    assert read_image(mri, check_hu=False).image.GetSize() == (16, 16, 8)
