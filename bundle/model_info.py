@@ -28,7 +28,8 @@ def count_flops(network: nn.Module, shape: Sequence[int]) -> int:
         else:
             macs += output.numel() * module.in_channels // module.groups * kernel
 
-    handles = [m.register_forward_hook(hook) for m in network.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    convs = [m for m in network.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    handles = [m.register_forward_hook(hook) for m in convs]
     try:
         with torch.inference_mode():
             network.eval()(torch.zeros(1, 1, *shape))
@@ -44,9 +45,10 @@ def model_info(patch: int = 96, timing_patch: int = 64, batch: int = 2, repeats:
     ``batch``; on a CPU batch 1 runs PyTorch's slow native conv3d) and the two heads' output grids for ``patch``^3."""
     torch.manual_seed(0)
     names = [p.strip() for p in presets.split(",") if p.strip()] or list(PRESETS)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; patch {patch}^3, timing {batch} x {timing_patch}^3")
-    header = f"{'preset':<8} {'params':>10} {'GFLOPs/patch':>13} {'fwd ms':>8} {'fwd+bwd ms':>11}  grids (head 0 s2, head 1 s4)"
-    print(header)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; patch {patch}^3, timing {batch} x {timing_patch}^3")
+    print(f"{'preset':<8} {'params':>10} {'GFLOPs/patch':>13} {'fwd ms':>8} {'fwd+bwd ms':>11}  "
+          "outputs (A*5)xIxJxK: head 0 (s2), head 1 (s4)")
     for name in names:
         net = build_network(name)
         params = sum(p.numel() for p in net.parameters())

@@ -5,7 +5,7 @@ Order of the ``N`` anchors (the same as :func:`flatten_outputs`): head 0 then he
 row ``n`` of ``anchors`` and row ``n`` of ``flatten_outputs(outputs)[b]`` always describe the same cell x anchor.
 
 Cell ``(u, v, w)`` of a stride-``s`` head covers input voxels ``[u*s, u*s + s - 1]`` per axis (voxel centres at
-integer indices), so its centre is ``c = u*s + (s - 1)/2``: 0.5, 2.5, 4.5, ... for ``s = 2``; 1.5, 5.5, ... for ``s = 4``.
+integer indices), so its centre is ``c = u*s + (s - 1)/2``: 0.5, 2.5, ... for ``s = 2``; 1.5, 5.5, ... for ``s = 4``.
 """
 
 from __future__ import annotations

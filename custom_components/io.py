@@ -77,8 +77,6 @@ def _check_metaimage(path: Path) -> None:
         try:
             text = line.decode("ascii").strip()
         except UnicodeDecodeError:
-            if path.suffix.lower() == ".mha" and "ElementDataFile" in fields:
-                break
             raise InputError(f"{path}: header is unreadable (binary data where a text header was expected)") from None
         if not text:
             continue
@@ -95,10 +93,12 @@ def _check_metaimage(path: Path) -> None:
         ndims = int(fields["NDims"])
         dims = [int(v) for v in fields["DimSize"].split()]
         channels = int(fields.get("ElementNumberOfChannels", "1"))
+        header_size = int(fields.get("HeaderSize", "0"))
+        compressed_size = int(fields.get("CompressedDataSize", "0"))
     except ValueError:
         raise InputError(
-            f"{path}: header is unreadable (NDims/DimSize/ElementNumberOfChannels are not integers: "
-            f"NDims = {fields['NDims']!r}, DimSize = {fields['DimSize']!r})"
+            f"{path}: header is unreadable (NDims/DimSize/ElementNumberOfChannels/HeaderSize/CompressedDataSize are "
+            f"not all integers: NDims = {fields['NDims']!r}, DimSize = {fields['DimSize']!r})"
         ) from None
     if len(dims) != ndims or min(dims, default=0) < 1:
         raise InputError(
@@ -113,12 +113,12 @@ def _check_metaimage(path: Path) -> None:
     if data_name == "LOCAL":
         data_file, offset = path, header_end
     else:
-        data_file, offset = path.parent / data_name, max(int(fields.get("HeaderSize", "0") or 0), 0)
+        data_file, offset = path.parent / data_name, max(header_size, 0)  # HeaderSize -1: data at the file's end
         if not data_file.is_file():
             raise InputError(f"{path}: data file {data_file.name} is missing (ElementDataFile = {data_name})")
     available = data_file.stat().st_size - offset
     if compressed:
-        expected = int(fields.get("CompressedDataSize", "0") or 0)
+        expected = compressed_size
     else:
         expected = int(np.prod(dims, dtype=np.int64)) * channels * _METAIMAGE_BYTES[fields["ElementType"]]
     if available < expected:
@@ -130,7 +130,8 @@ def _check_metaimage(path: Path) -> None:
 def _find_dicom_series(folder: Path) -> dict[str, list[str]]:
     """SeriesInstanceUID -> sorted slice files of every DICOM series in ``folder`` or, if none, in its sub-folders."""
     series: dict[str, list[str]] = {}
-    folders = [folder] + sorted(Path(root) for root, _, _ in os.walk(folder) if Path(root) != folder)
+    # only folders holding files: GDCM prints a warning for every folder it finds no series in
+    folders = sorted((Path(root) for root, _, files in os.walk(folder) if files), key=lambda p: (p != folder, p))
     for sub in folders:
         for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub)):
             series.setdefault(uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(sub), uid)))

@@ -40,8 +40,9 @@ class DetectionLoss(nn.Module):
         - ``ignore``: optional ``B`` tensors ``(K_b, 4)`` of excluded findings in the same coordinates.
 
     Returns ``{"loss", "loss_cls", "loss_reg", "num_pos", "num_neg"}``: ``loss = loss_cls + reg_weight * loss_reg``;
-    ``loss_cls`` is the BCE summed over the selected samples (all positives and the hard negatives of every patch) and
-    divided by their number, so k negatives weigh as much as k positives; ``loss_reg`` is the smooth L1 summed over
+    ``loss_cls`` is the mean BCE over all positives plus the mean BCE over the hard negatives of every patch: the two
+    classes weigh the same however many positives the IoU rule yields (tens per nodule against k negatives per patch;
+    pooled into one mean, the positives would drown the hard negatives and push every score up); ``loss_reg`` is the smooth L1 summed over
     the 4 offsets and averaged over the positives (0 without positives). ``num_pos``/``num_neg`` count the selected
     samples of the batch (int64 tensors).
     """
@@ -87,7 +88,8 @@ class DetectionLoss(nn.Module):
         logits, cls_t = torch.cat(cls_logits), torch.cat(cls_targets)
         num_pos = (cls_t == 1).sum()
         num_neg = (cls_t == 0).sum()
-        loss_cls = F.binary_cross_entropy_with_logits(logits, cls_t, reduction="sum") / max(1, logits.numel())
+        bce = F.binary_cross_entropy_with_logits(logits, cls_t, reduction="none")
+        loss_cls = (bce * (cls_t == 1)).sum() / num_pos.clamp(min=1) + (bce * (cls_t == 0)).sum() / num_neg.clamp(min=1)
         loss_reg = F.smooth_l1_loss(
             torch.cat(reg_pred), torch.cat(reg_target), reduction="sum", beta=self.smooth_l1_beta
         ) / num_pos.clamp(min=1)

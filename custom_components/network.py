@@ -164,7 +164,7 @@ class ResNetFPN(nn.Module):
     ) -> None:
         super().__init__()
         if len(anchor_sizes) != 2 or not all(len(s) > 0 for s in anchor_sizes):
-            raise ValueError(f"anchor_sizes needs a non-empty tuple of sizes for each of the 2 heads, got {anchor_sizes}")
+            raise ValueError(f"anchor_sizes needs a non-empty tuple of sizes for each of 2 heads, got {anchor_sizes}")
         if len(channels) != 4 or len(blocks) != 4 or len(fpn_channels) != 3:
             raise ValueError("channels and blocks need 4 entries (strides 2..16), fpn_channels 3 (strides 2, 4, 8)")
         self.anchor_sizes: tuple[tuple[float, ...], ...] = tuple(tuple(float(d) for d in s) for s in anchor_sizes)

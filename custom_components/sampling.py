@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from custom_components.boxes import cubes_to_standard
 from custom_components.cache import PreprocessedScans
 
 GT, FP = 0, 1
@@ -206,18 +207,19 @@ class AnchorPatchDataset(Dataset):
         return self._augment(item) if self.transform is not None else item
 
     def _augment(self, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from custom_components.boxes import cubes_to_standard
-
+        # MONAI's box flips and rotations take voxel i to span [i, i + 1) (its centre at i + 0.5), while our cubes put
+        # voxel centres at integer indices: shift by half a voxel on the way in and out
+        half = torch.tensor([0.5, 0.5, 0.5, 0.0])
         data = {
             "image": item["image"],
-            "box": cubes_to_standard(item["boxes"]),
-            "ignore_box": cubes_to_standard(item["ignore"].abs()),
+            "box": cubes_to_standard(item["boxes"] + half),
+            "ignore_box": cubes_to_standard(item["ignore"].abs() + half),
         }
         data = self.transform(data)
         return {
             "image": torch.as_tensor(data["image"]).float(),
-            "boxes": standard_to_cubes(torch.as_tensor(data["box"]), item["boxes"][:, 3]),
-            "ignore": standard_to_cubes(torch.as_tensor(data["ignore_box"]), item["ignore"][:, 3]),
+            "boxes": standard_to_cubes(torch.as_tensor(data["box"]), item["boxes"][:, 3]) - half,
+            "ignore": standard_to_cubes(torch.as_tensor(data["ignore_box"]), item["ignore"][:, 3]) - half,
         }
 
 

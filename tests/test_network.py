@@ -92,7 +92,17 @@ def _sphere_patch(n: int, centre: tuple[float, float, float], d: float, batch: i
 def test_lean_network_overfits_a_bright_sphere():
     """60 Adam steps on a 32^3 patch with an 8 mm ball: the ball's anchors outscore the background and the top
     decoded detection lands within 2 voxels of the centre. Batch 2: on a CPU PyTorch runs batch-1 conv3d on its slow
-    native kernel (see docs/network.md)."""
+    native kernel (see docs/network.md). One thread: on the shared 2-core test machine two OpenMP threads stall each
+    other whenever another job runs (3x slower); alone, one thread costs little at this size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _overfit_sphere()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _overfit_sphere() -> None:
     torch.manual_seed(0)
     centre, d = (15.0, 17.0, 14.0), 8.0
     x = _sphere_patch(32, centre, d, batch=2)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from custom_components.anchors import RegressionAnchors
+from custom_components.anchors import RegressionAnchors, flatten_outputs
 from custom_components.boxes import CubeCoder, cube_iou
 from custom_components.loss import DetectionLoss, hard_negative_indices
 from custom_components.targets import assign_targets
@@ -75,8 +75,6 @@ def _outputs(patch: tuple[int, int, int], seed: int = 0, batch: int = 1) -> list
 
 
 def _logit_grad(outputs: list[torch.Tensor]) -> torch.Tensor:
-    from custom_components.anchors import flatten_outputs
-
     return flatten_outputs([o.grad for o in outputs])[:, :, 0]
 
 
@@ -87,8 +85,6 @@ def test_ohem_uses_exactly_the_k_highest_negatives():
     losses = DetectionLoss(ANCHORS, CubeCoder(), num_hard_negatives=5)(outputs, targets)
     losses["loss"].backward()
     grad = _logit_grad(outputs)
-    from custom_components.anchors import flatten_outputs
-
     logits = flatten_outputs(outputs).detach()[:, :, 0]
     anchors = ANCHORS(patch)
     for b in range(2):
@@ -103,9 +99,11 @@ def test_ohem_uses_exactly_the_k_highest_negatives():
 
 
 def test_loss_normalisation_on_zero_logits():
-    """All logits 0 -> BCE log(2) per selected sample; zero offsets -> smooth L1 of the targets over the positives."""
+    """All logits 0 -> BCE log(2) per selected sample, so log(2) for the negatives' mean plus log(2) for the positives'
+    mean when there are any; zero offsets -> smooth L1 of the targets over the positives."""
     patch = (16, 16, 16)
-    outputs = [torch.zeros(1, a * 5, *grid) for a, grid in zip(ANCHORS.num_anchors_per_head, ANCHORS.grid_shapes(patch))]
+    grids = ANCHORS.grid_shapes(patch)
+    outputs = [torch.zeros(1, a * 5, *grid) for a, grid in zip(ANCHORS.num_anchors_per_head, grids)]
     losses = DetectionLoss(ANCHORS, CubeCoder())(outputs, [torch.zeros(0, 4)])
     torch.testing.assert_close(losses["loss_cls"], torch.tensor(math.log(2.0)))
     assert float(losses["loss_reg"]) == 0.0 and int(losses["num_pos"]) == 0 and int(losses["num_neg"]) == 5
@@ -116,5 +114,5 @@ def test_loss_normalisation_on_zero_logits():
     targets = CubeCoder().encode(matched[pos], ANCHORS(patch)[pos])
     # zero predictions, |target| < beta = 1 -> smooth L1 = 0.5 t^2, summed over the 4 offsets, mean over positives.
     assert int(losses["num_pos"]) == int(pos.sum()) > 1
-    torch.testing.assert_close(losses["loss_cls"], torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(2 * math.log(2.0)))
     torch.testing.assert_close(losses["loss_reg"], (0.5 * targets**2).sum() / pos.sum())

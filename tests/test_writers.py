@@ -71,7 +71,9 @@ SLICER_MARKUPS_SCHEMA = {
                                 "label": {"type": "string"},
                                 "description": {"type": "string"},
                                 "associatedNodeID": {"type": "string"},
-                                "position": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+                                "position": {
+                                    "type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3
+                                },
                                 "selected": {"type": "boolean"},
                                 "locked": {"type": "boolean"},
                                 "visibility": {"type": "boolean"},
@@ -222,7 +224,7 @@ def test_png_panels_and_no_detections(tmp_path: Path) -> None:
 def _scan(uid: str, n: int, rng: np.random.Generator, tensors: bool = False) -> dict:
     cubes = np.column_stack([rng.uniform(5, 25, (n, 3)), rng.uniform(3, 10, n)])
     scores = np.sort(rng.random(n))[::-1]
-    marks = np.column_stack([cubes[:, :3] * [1.0, 1.0, 1.0] + [-150.0, -120.0, -300.0], scores])
+    marks = np.column_stack([cubes[:, :3] + [-150.0, -120.0, -300.0], scores])
     scan = {
         "seriesuid": uid,
         "image_path": f"/data/{uid}.mhd",
@@ -231,20 +233,26 @@ def _scan(uid: str, n: int, rng: np.random.Generator, tensors: bool = False) -> 
         "scores": scores,
         "image": rng.random((30, 30, 30)).astype(np.float32),
     }
-    return {k: torch.as_tensor(v) if tensors and isinstance(v, np.ndarray) else v for k, v in scan.items()}
+    return {k: torch.from_numpy(v.copy()) if tensors and isinstance(v, np.ndarray) else v for k, v in scan.items()}
 
 
 def test_handler_writes_every_file_of_every_scan(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # MONAI's logger does not propagate to the root logger caplog listens on; hand it caplog's handler directly
+    monai_logger = logging.getLogger("nodule_detection")
+    monai_logger.addHandler(caplog.handler)
     rng = np.random.default_rng(1)
     batches = [[_scan("1.2.3", 3, rng), _scan("1.2.4", 0, rng)], [_scan("1.2.5", 2, rng, tensors=True)]]
     engine = Engine(lambda engine, batch: batch)
     out = tmp_path / "detections"
     DetectionWriter(out, png_top=2).attach(engine)
-    with caplog.at_level(logging.INFO, logger="nodule_detection"):
+    try:
         engine.run(batches, max_epochs=1)
+    finally:
+        monai_logger.removeHandler(caplog.handler)
 
     names = sorted(p.name for p in out.iterdir())
-    expected = sorted(f"{uid}{ext}" for uid in ("1.2.3", "1.2.4", "1.2.5") for ext in (".csv", ".json", ".mrk.json", ".png"))
+    suffixes = (".csv", ".json", ".mrk.json", ".png")
+    expected = sorted(f"{uid}{ext}" for uid in ("1.2.3", "1.2.4", "1.2.5") for ext in suffixes)
     assert names == expected  # and so no temporary file is left behind
     for uid, n in (("1.2.3", 3), ("1.2.4", 0), ("1.2.5", 2)):
         assert len(read_submission(out / f"{uid}.csv").get(uid, [])) == n
