@@ -60,11 +60,24 @@ def _rows(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32).reshape(-1, 4)
 
 
+def as_datalist_entry(item: dict) -> dict:
+    """A datalist entry with ``nodules`` rows ``(x, y, z, d)``: entries as MONAI Label's datastore gives them
+    (``box``: ``(N, 6)`` centre + size ``cccwhd`` in LPS world mm, ``label``) become our convention, a nodule's
+    diameter being the mean of the box's three sides; entries that already have ``nodules`` pass unchanged."""
+    if "nodules" in item or "box" not in item:
+        return item
+    boxes = np.asarray(item["box"], dtype=np.float64).reshape(-1, 6)
+    entry = {k: v for k, v in item.items() if k not in ("box", "label")}
+    entry["nodules"] = np.column_stack([boxes[:, :3], boxes[:, 3:].mean(axis=1)]).tolist()
+    return entry
+
+
 class PreprocessedScans(Sequence[CachedScan]):
     """Datalist entries preprocessed once and served from a disk cache.
 
     Args:
-        data: datalist entries (``image``, ``seriesuid``, ``nodules``, ``excluded``; see ``docs/conventions.md``).
+        data: datalist entries (``image``, ``seriesuid``, ``nodules``, ``excluded``; see ``docs/conventions.md``), or
+            MONAI Label's ``{"image", "box", "label"}`` entries (see :func:`as_datalist_entry`).
         transform: the preprocessing chain (``configs`` id ``preprocessing``) mapping an entry to ``image``
             ``(1, I, J, K)`` MetaTensor with an LPS affine, ``nodules_voxel`` and ``excluded_voxel``.
         cache_dir: where the ``.npy``/``.json`` pairs live.
@@ -81,7 +94,7 @@ class PreprocessedScans(Sequence[CachedScan]):
         cache_key: str = "",
         num_workers: int = 0,
     ) -> None:
-        self.data = list(data)
+        self.data = [as_datalist_entry(item) for item in data]
         self.transform = transform
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)

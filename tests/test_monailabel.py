@@ -12,6 +12,7 @@ MONAI Label's real code. With real ``torchvision``/``itk`` installed, those are 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -218,6 +219,19 @@ def test_bundle_train_task_overrides_resolve(monailabel_tasks: types.SimpleNames
     assert parser["train#dataset#data"][0] == {"image": items[0]["image"], "box": [[0.0, 0.0, -100.0, 8.0, 8.0, 8.0]],
                                               "label": [0]}
     handlers = parser["train#handlers"]
+    # MONAI Label reads every entry as a dict and puts its CheckpointLoader first
+    assert all(isinstance(h, dict) for h in handlers)
     assert handlers[0]["_target_"] == "CheckpointLoader"
     assert handlers[0]["load_path"] == str(bundle / "models" / "model.pt")
     assert parser.get_parsed_content("network_def").strides == (2, 4)
+
+
+def test_monai_label_box_entries_become_nodules() -> None:
+    """MONAI Label's datastore gives detection training entries as ``box`` (cccwhd, LPS mm) + ``label``: the training
+    dataset reads them as this bundle's ``nodules`` rows (x, y, z, d)."""
+    from custom_components.cache import as_datalist_entry
+
+    entry = as_datalist_entry({"image": "a.nii.gz", "box": [[10.0, -20.0, -100.0, 8.0, 9.0, 10.0]], "label": [0]})
+    assert entry == {"image": "a.nii.gz", "nodules": [[10.0, -20.0, -100.0, 9.0]]}
+    ours = {"image": "b.mhd", "nodules": [[1.0, 2.0, 3.0, 4.0]]}
+    assert as_datalist_entry(ours) is ours
