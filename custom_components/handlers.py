@@ -21,8 +21,10 @@ from custom_components.cache import PreprocessedScans
 from custom_components.detector import NoduleDetector
 from custom_components.evaluation import detect_scan
 from custom_components.froc import FP as FP_MARK
-from custom_components.froc import classify_marks
+from custom_components.froc import classify_marks, froc_scores
+from custom_components.froc_report import format_table, write_report, write_submission
 from custom_components.sampling import SamplingAnchors
+from custom_components.utils import atomic_write
 
 # MONAI's get_logger prints INFO to stdout; `python -m monai.bundle run` configures no root logger
 logger = get_logger("nodule_detection")
@@ -185,8 +187,6 @@ class TrainingLog:
         rows = list(csv.DictReader(path.open())) if path.exists() else []
         rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        from custom_components.utils import atomic_write
-
         with atomic_write(path) as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
@@ -241,9 +241,6 @@ class FROCReport:
             self._scans.setdefault(scan["seriesuid"], scan)
 
     def _report(self, engine: Engine) -> None:
-        from custom_components.froc import froc_scores
-        from custom_components.froc_report import format_table, write_report, write_submission
-
         if idist.get_world_size() > 1:
             self._scans = {k: v for part in idist.all_gather(self._scans) for k, v in part.items()}
         if idist.get_rank() != 0:

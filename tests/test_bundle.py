@@ -54,7 +54,7 @@ def test_evaluating_workflow_writes_submission_and_froc_report(tmp_path):
         "--bundle_root", str(tmp_path), "--data_list_file_path", str(cohort / "datalist.json"), "--fold", "-1",
         "--load_path", str(tmp_path / "model.pt"), "--bootstrap", "50", "--num_workers", "0",
     ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = tmp_path / "eval" / "fold-1"
     marks = read_submission(report / "submission.csv")

@@ -455,7 +455,7 @@ def test_cli_bad_input_is_one_error_line(luna_like, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bundle", "froc", "--annotations", str(ann), "--excluded", str(exc),
          "--seriesuids", str(uids), "--submission", str(bad)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {bad}: row 2: probability is 'x', not a finite number"]

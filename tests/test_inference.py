@@ -126,7 +126,7 @@ def test_untrained_network_runs_on_a_real_scan_and_writes_every_output(lidc_dir,
         "--input", str(lidc_dir / f"{uid}.mhd"), "--output_dir", str(tmp_path / "out"),
         "--load_path", str(tmp_path / "model.pt"), "--network_preset", "lean", "--score_threshold", "0.0",
     ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     for suffix in (".csv", ".json", ".mrk.json", ".png"):

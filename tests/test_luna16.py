@@ -142,7 +142,7 @@ def test_load_datalist_checks_images(tmp_path: Path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "bundle", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_cli_prepare_luna16(tmp_path: Path):
