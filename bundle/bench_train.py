@@ -18,7 +18,7 @@ def _batch(batch_size: int, patch_size: int, device: torch.device) -> tuple[torc
     images = 0.1 + 0.05 * torch.rand(batch_size, 1, patch_size, patch_size, patch_size, generator=generator)
     grid = torch.stack(torch.meshgrid(*[torch.arange(patch_size)] * 3, indexing="ij")).float()
     centre = (patch_size - 1) / 2
-    images[:, 0][(grid - centre).pow(2).sum(0) < 16] = 0.8
+    images[:, 0, (grid - centre).pow(2).sum(0) < 16] = 0.8
     boxes = [torch.tensor([[centre, centre, centre, 8.0]]) for _ in range(batch_size)]
     return images.to(device), [b.to(device) for b in boxes]
 
