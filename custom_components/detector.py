@@ -164,6 +164,7 @@ class NoduleDetector(nn.Module):
                     for cubes, scores in select_detections(
                         outputs, self.anchors, self.coder, self.score_thresh, self.topk_candidates,
                         self.nms_thresh, self.max_detections, self.soft_nms, self.soft_nms_sigma,
+                        image_shape=images.shape[2:],
                     ):
                         results.append(
                             {

@@ -50,6 +50,7 @@ def select_detections(
     max_detections: int = 100,
     soft_nms: bool = False,
     soft_nms_sigma: float = 0.5,
+    image_shape: Sequence[int] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """Nodule marks of each image of a batch of head outputs.
 
@@ -63,6 +64,8 @@ def select_detections(
         outputs: the network's head outputs ``[(B, A_h*5, I_h, J_h, K_h), ...]``.
         anchors: regression anchors of those heads.
         coder: decodes offsets to cubes.
+        image_shape: ``(I, J, K)`` of the input; candidates whose decoded centre falls outside it (in the network's
+            zero padding, or regressed off the edge) are dropped before NMS, so every mark maps inside the scan.
 
     Returns:
         ``B`` pairs ``(cubes (K, 4) (ci, cj, ck, d) in input voxel coordinates, scores (K,))``, scores descending.
@@ -77,6 +80,10 @@ def select_detections(
             candidates = candidates[scores[candidates].topk(topk_candidates).indices]
         cubes = coder.decode(flat[b, candidates, 1:], anchor_cubes[candidates])
         scores = scores[candidates]
+        if image_shape is not None:
+            upper = torch.as_tensor(image_shape, dtype=cubes.dtype, device=cubes.device) - 0.5
+            inside = ((cubes[:, :3] >= -0.5) & (cubes[:, :3] <= upper)).all(dim=1)
+            cubes, scores = cubes[inside], scores[inside]
         if soft_nms:
             cubes, scores = gaussian_soft_nms(cubes, scores, soft_nms_sigma, score_thresh, max_detections)
         else:

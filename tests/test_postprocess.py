@@ -71,3 +71,20 @@ def test_select_detections_with_soft_nms():
     iou = (8 * 10 * 10) / (2 * 1000 - 8 * 10 * 10)
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.8 * math.exp(-(iou**2) / 0.5)]))
     assert cubes[:, 0].tolist() == [10.5, 12.5]
+
+
+def test_detections_centred_outside_the_image_are_dropped():
+    """A flat score map: every anchor is a candidate, including those of cells in the network's padding; with the
+    image shape given, no mark's centre lies outside the image."""
+    anchors = RegressionAnchors()
+    shape = (20, 18, 17)
+    grids = anchors.grid_shapes(shape)
+    outputs = [torch.zeros(1, a * 5, *g) for a, g in zip(anchors.num_anchors_per_head, grids)]
+    for o in outputs:
+        o[:, 1::5] = 2.0  # push every centre +2 anchor sizes along i: many land beyond the far edge
+    (cubes, _), = select_detections(outputs, anchors, CubeCoder(), score_thresh=0.0, nms_thresh=1.0, max_detections=10**6)
+    (kept, _), = select_detections(
+        outputs, anchors, CubeCoder(), score_thresh=0.0, nms_thresh=1.0, max_detections=10**6, image_shape=shape
+    )
+    assert (cubes[:, 0] > shape[0] - 0.5).any()
+    assert len(kept) > 0 and (kept[:, 0] <= shape[0] - 0.5).all() and (kept[:, :3] >= -0.5).all()
