@@ -4,6 +4,10 @@ MONAI's ``CheckpointSaver``/``CheckpointLoader`` take their ``save_dict`` from t
 the trainer into a dict that the trainer's own handler list holds (a circular reference). This handler receives the
 trainer in ``attach`` instead, and saves and restores it with everything else: network, optimizer, scheduler, the
 *sampling anchors* and the anchor sampler's random state.
+
+A checkpoint is taken after every other end-of-epoch handler has run, whatever the order of the config's handler
+list, so that the checkpoint of a round's last epoch already holds the next round's sampling anchors (from
+provisional testing) and the scheduler's step.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from typing import Any, Mapping
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.apps.utils import get_logger
+
+from custom_components.utils import atomic_write
 
 logger = get_logger("nodule_detection")
 
@@ -26,9 +33,34 @@ def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Path 
     return max(files, key=lambda p: int(p.stem.split("=")[-1])) if files else None
 
 
+class AtomicDiskSaver(BaseSaveHandler):
+    """Ignite save handler writing through :func:`~custom_components.utils.atomic_write`.
+
+    Unlike Ignite's ``DiskSaver(atomic=True)``, the file is synced before it replaces the old one, and the temporary
+    file of a killed write is recognisable (``.<name>.*.tmp``), so that :meth:`remove_partial` can clear it.
+    """
+
+    def __init__(self, dirname: str | Path) -> None:
+        self.dirname = Path(dirname)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        with atomic_write(self.dirname / filename, "wb") as f:
+            torch.save(checkpoint, f)
+
+    def remove(self, filename: str) -> None:
+        (self.dirname / filename).unlink(missing_ok=True)
+
+    def remove_partial(self) -> list[Path]:
+        """Delete the temporary files that killed writes left behind; returns them."""
+        partial = sorted(self.dirname.glob(".*.tmp"))
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return partial
+
+
 class ResumableCheckpoint:
-    """Saves ``<save_dir>/checkpoint_epoch=N.pt`` after every epoch (atomically: Ignite's ``DiskSaver`` writes a
-    temporary file and renames it) and, with ``resume=True``, restores the latest one when the run starts.
+    """Saves ``<save_dir>/checkpoint_epoch=N.pt`` after every epoch, atomically, and, with ``resume=True``,
+    restores the latest one when the run starts (clearing the partial file of a write the interruption cut short).
 
     Args:
         save_dir: folder of the checkpoints.
@@ -52,6 +84,8 @@ class ResumableCheckpoint:
         self.resume = resume
         self.n_saved = n_saved
         self.map_location = map_location
+        self.disk = AtomicDiskSaver(self.save_dir)
+        self._saver: Checkpoint | None = None
 
     def attach(self, engine: Engine) -> None:
         self.objects["trainer"] = engine
@@ -59,17 +93,25 @@ class ResumableCheckpoint:
             engine.add_event_handler(Events.STARTED, self._restore)
         if idist.get_rank() != 0:
             return  # under torch.distributed every rank holds the same state: rank 0 alone writes it
-        saver = Checkpoint(
+        engine.add_event_handler(Events.STARTED, self._attach_saver)
+
+    def _attach_saver(self, engine: Engine) -> None:
+        # registered when the run starts, once every other handler is attached, so it fires last at EPOCH_COMPLETED
+        if self._saver is not None:
+            return
+        self._saver = Checkpoint(
             self.objects,
-            DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
+            self.disk,
             filename_prefix="checkpoint",
             global_step_transform=lambda eng, _: eng.state.epoch,
             filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
             n_saved=self.n_saved,
         )
-        engine.add_event_handler(Events.EPOCH_COMPLETED, saver)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._saver)
 
     def _restore(self, engine: Engine) -> None:
+        for partial in self.disk.remove_partial():
+            logger.warning("resume: removed %s, the partial write of an interrupted run", partial)
         path = latest_checkpoint(self.save_dir)
         if path is None:
             logger.warning("resume: no checkpoint in %s, training starts from scratch", self.save_dir)

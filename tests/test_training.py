@@ -93,46 +93,55 @@ def test_a_short_training_learns_to_find_a_training_nodule(cohort, tmp_path):
     assert after > background + 0.2, (after, background)
 
 
-def _run_training(cohort: Path, bundle_root: Path, *args: str) -> subprocess.Popen:
-    cmd = [
+def _training_command(cohort: Path, bundle_root: Path, *args: str) -> list[str]:
+    return [
         sys.executable, "-m", "monai.bundle", "run", "training",
         "--config_file", f"['{ROOT}/configs/train.json','{ROOT}/configs/demo.json']",
         "--bundle_root", str(bundle_root), "--data_list_file_path", str(cohort / "datalist.json"), "--fold", "-1",
         "--patch_size", "32", "--batch_size", "2", "--patches_per_epoch", "4", "--val_interval", "100",
         "--round_epochs", "2", "--fp_score_threshold", "0.0", "--detector#score_thresh", "0.0", *args,
     ]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
 
 
-def test_a_killed_training_resumes_mid_round_with_its_sampling_anchors(cohort, tmp_path):
+def test_a_killed_training_resumes_with_its_sampling_anchors(cohort, tmp_path):
+    """SIGKILL a run once it is past its first round, wherever it then is (inside a round, in provisional testing or
+    half-way through writing a checkpoint), and resume it for one more epoch."""
+    from custom_components.checkpoint import latest_checkpoint
+
     ckpt = tmp_path / "models"
-    proc = _run_training(cohort, tmp_path, "--epochs", "50")
-    deadline = time.time() + 240
-    # epoch 3 is the first epoch of round 1 (rounds end after epochs 2, 4, ...): kill the run inside that round
-    while not (ckpt / "checkpoint_epoch=3.pt").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint of epoch 3 in time"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = torch.load(ckpt / "checkpoint_epoch=3.pt", weights_only=False)
-    assert saved["anchors"]["round"] == 1
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            _training_command(cohort, tmp_path, "--epochs", "50"), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+        deadline = time.time() + 240
+        while (latest_checkpoint(ckpt) is None or int(latest_checkpoint(ckpt).stem.split("=")[-1]) < 3):
+            assert proc.poll() is None, log.read_text(encoding="utf-8", errors="replace")[-3000:]
+            assert time.time() < deadline, "no checkpoint of epoch 3 in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    path = latest_checkpoint(ckpt)
+    saved = torch.load(path, weights_only=False)
+    epoch = saved["trainer"]["iteration"] // saved["trainer"]["epoch_length"]
+    assert path.name == f"checkpoint_epoch={epoch}.pt"
+    # rounds end after epochs 2, 4, ...: the checkpoint of a round's last epoch holds the next round's anchors
+    assert saved["anchors"]["round"] == epoch // 2 >= 1
     saved_anchors = np.asarray(saved["anchors"]["anchors"])
-    assert (saved_anchors[:, 4] == 1).any(), "round 1 must hold false-positive anchors"
-    assert not any(p.name.endswith(".tmp") for p in ckpt.iterdir()), "a killed run must not leave partial files"
+    assert (saved_anchors[:, 4] == 1).any(), "after round 0 the sampling anchors hold false positives"
 
     out = subprocess.run(
-        _run_training(cohort, tmp_path, "--epochs", "4", "--resume", "true").args,
+        _training_command(cohort, tmp_path, "--epochs", str(epoch + 1), "--resume", "true"),
         cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "resumed from" in out.stdout + out.stderr
+    assert f"resumed from {path}" in out.stdout + out.stderr
+    assert not list(ckpt.glob(".*.tmp")), "a resumed run clears the partial files of the killed one"
     rows = list(__import__("csv").DictReader((tmp_path / "eval" / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-    epoch4 = rows[3]
-    # epoch 4 trained on the restored round-1 anchors, not on round 0's ground truth only
-    assert int(epoch4["round"]) == 1 and int(epoch4["anchors"]) == len(saved_anchors)
-    assert (ckpt / "checkpoint_epoch=4.pt").exists()
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epoch + 2))
+    # the resumed epoch trained on the restored anchors, not on round 0's ground truth only
+    assert int(rows[-1]["round"]) == epoch // 2 and int(rows[-1]["anchors"]) == len(saved_anchors)
+    assert (ckpt / f"checkpoint_epoch={epoch + 1}.pt").exists()
 
 
 def test_multi_gpu_config_runs_with_two_processes_on_cpu(cohort, tmp_path):
