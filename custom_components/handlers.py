@@ -49,6 +49,10 @@ class ProvisionalTesting:
         score_threshold: the least noduleness of a false positive worth sampling.
         max_per_scan: at most this many false positives per scan (the highest scoring).
         use_inferer: sliding-window inference instead of one whole-volume pass (bounded memory on a GPU).
+        plateau_scheduler: a ``ReduceLROnPlateau`` stepped on the training loss: it forgets its best loss when a round
+            begins, so that a plateau is judged within a round. A new round's patches are harder (they hold the
+            false positives just found), so its loss is not comparable with the previous round's, and comparing them
+            would decay the learning rate at every round whether or not the loss has stopped falling.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class ProvisionalTesting:
         score_threshold: float = 0.5,
         max_per_scan: int = 10,
         use_inferer: bool = False,
+        plateau_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
     ) -> None:
         self.detector = detector
         self.scans = scans
@@ -68,9 +73,21 @@ class ProvisionalTesting:
         self.score_threshold = float(score_threshold)
         self.max_per_scan = int(max_per_scan)
         self.use_inferer = use_inferer
+        self.plateau_scheduler = plateau_scheduler
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.round_epochs), self)
+        if self.plateau_scheduler is not None:
+            # at the first epoch of every round after round 0; a filter on the epoch number, so a resumed run agrees
+            def round_start(_: Engine, epoch: int) -> bool:
+                return epoch > 1 and (epoch - 1) % self.round_epochs == 0
+
+            engine.add_event_handler(Events.EPOCH_STARTED(event_filter=round_start), self._new_plateau)
+
+    def _new_plateau(self, engine: Engine) -> None:
+        scheduler = self.plateau_scheduler
+        scheduler.best = scheduler.mode_worse
+        scheduler.num_bad_epochs = 0
 
     def false_positives(self, device: torch.device | str) -> dict[int, np.ndarray]:
         """Scan index -> ``(F, 3)`` voxel centres of this rank's share of the training scans' false positives."""

@@ -35,8 +35,8 @@ class FROCMetric(Metric):
          "sens_0.125": float, "sens_0.25": ..., "sens_0.5": ..., "sens_1": ..., "sens_2": ..., "sens_4": ...,
          "sens_8": float}
 
-    Attached to an engine, Ignite also puts each key into ``engine.state.metrics``, so use ``"cpm"`` (or
-    ``"froc_new"``) as the key metric of a checkpoint or a MONAI evaluator, not the attached name (a dict).
+    Attached to an engine under ``name``, every key goes into ``engine.state.metrics`` and ``name`` holds the CPM
+    (a scalar, which MONAI's workflows need to track the best key metric); attach it as ``"cpm"``.
 
     Expected ``output_transform(engine.state.output)``: one scan dict or a sequence of them (e.g. MONAI's decollated
     batch), each::
@@ -62,7 +62,7 @@ class FROCMetric(Metric):
         metric = FROCMetric(output_transform=lambda out: [
             {"seriesuid": o["seriesuid"], "marks": o["marks"], "nodules": o["nodules"], "excluded": o["excluded"]}
             for o in out])
-        metric.attach(evaluator, "froc")   # engine.state.metrics["cpm"], ["froc_new"], ["sens_1"], ...
+        metric.attach(evaluator, "cpm")   # engine.state.metrics["cpm"], ["froc_new"], ["sens_1"], ...
     """
 
     required_output_keys = None
@@ -104,6 +104,11 @@ class FROCMetric(Metric):
         # Ignite's default would unpack a mapping by required_output_keys or split (y_pred, y) pairs; our output is
         # per-scan dicts, passed through as they are
         self.update(self._output_transform(engine.state.output))
+
+    def completed(self, engine: Any, name: str) -> None:
+        scores = self.compute()
+        engine.state.metrics.update(scores)
+        engine.state.metrics[name] = scores["cpm"]
 
     def compute(self) -> dict[str, float]:
         scans = self._scans

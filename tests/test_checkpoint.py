@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from ignite.engine import Engine, Events
 
@@ -53,3 +54,39 @@ def test_resuming_restores_the_state_and_clears_partial_writes(tmp_path):
     assert epochs == [(3, 2), (4, 3)], "resumes at epoch 3 with the round the checkpoint of epoch 2 held"
     assert not partial.exists()
     assert torch.load(latest_checkpoint(tmp_path), weights_only=False)["anchors"]["round"] == 4
+
+
+class _NoScansAnchors:
+    """Sampling anchors of a cohort without scans: provisional testing finds nothing, rounds still advance."""
+
+    round = 0
+
+    def update(self, false_positives: dict) -> dict:
+        self.round += 1
+        return {"round": self.round, "anchors": 0, "gt_anchors": 0, "fp_anchors": 0}
+
+
+def test_a_round_judges_the_loss_plateau_on_its_own_losses():
+    """Round 1's patches are harder: its loss starts above round 0's best and falls. That is no plateau, and the
+    learning rate must stay; a round whose loss stops falling still decays it."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    from custom_components.handlers import ProvisionalTesting
+
+    losses = [3.0, 2.0, 1.5, 1.0, 2.5, 2.2, 2.2, 2.2, 2.0, 2.0, 2.0, 2.0]  # rounds of 4 epochs
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = ReduceLROnPlateau(optimizer, patience=2)
+    engine = Engine(lambda engine, batch: None)
+    ProvisionalTesting(None, [], _NoScansAnchors(), round_epochs=4, plateau_scheduler=scheduler).attach(engine)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", "cpu"))
+    lrs: list[float] = []
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _step(e: Engine) -> None:
+        scheduler.step(losses[e.state.epoch - 1])
+        lrs.append(optimizer.param_groups[0]["lr"])
+
+    engine.run([0], max_epochs=len(losses))
+    # round 1 (epochs 5-8) never beats round 0's 1.0, which would decay at epoch 7, but falls within 2 epochs of its
+    # start; round 2 (epochs 9-12) stays flat: 3 epochs without a better loss, more than the patience of 2
+    assert lrs == pytest.approx([0.1] * 11 + [0.01])
