@@ -14,6 +14,7 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from monai.apps.utils import get_logger
 from tqdm import tqdm
 
@@ -49,10 +50,11 @@ class ProvisionalTesting:
         score_threshold: the least noduleness of a false positive worth sampling.
         max_per_scan: at most this many false positives per scan (the highest scoring).
         use_inferer: sliding-window inference instead of one whole-volume pass (bounded memory on a GPU).
-        plateau_scheduler: a ``ReduceLROnPlateau`` stepped on the training loss: it forgets its best loss when a round
-            begins, so that a plateau is judged within a round. A new round's patches are harder (they hold the
-            false positives just found), so its loss is not comparable with the previous round's, and comparing them
-            would decay the learning rate at every round whether or not the loss has stopped falling.
+        lr_scheduler: the training's scheduler. A ``ReduceLROnPlateau`` (stepped on the training loss) forgets its
+            best loss when a round begins, so that a plateau is judged within a round: a new round's patches are
+            harder (they hold the false positives just found), so its loss is not comparable with the previous
+            round's, and comparing them would decay the learning rate at every round whether or not the loss has
+            stopped falling. Other schedulers are left alone.
     """
 
     def __init__(
@@ -64,7 +66,7 @@ class ProvisionalTesting:
         score_threshold: float = 0.5,
         max_per_scan: int = 10,
         use_inferer: bool = False,
-        plateau_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
+        lr_scheduler: Any = None,
     ) -> None:
         self.detector = detector
         self.scans = scans
@@ -73,7 +75,7 @@ class ProvisionalTesting:
         self.score_threshold = float(score_threshold)
         self.max_per_scan = int(max_per_scan)
         self.use_inferer = use_inferer
-        self.plateau_scheduler = plateau_scheduler
+        self.plateau_scheduler = lr_scheduler if isinstance(lr_scheduler, ReduceLROnPlateau) else None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.round_epochs), self)

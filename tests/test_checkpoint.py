@@ -77,7 +77,7 @@ def test_a_round_judges_the_loss_plateau_on_its_own_losses():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler = ReduceLROnPlateau(optimizer, patience=2)
     engine = Engine(lambda engine, batch: None)
-    ProvisionalTesting(None, [], _NoScansAnchors(), round_epochs=4, plateau_scheduler=scheduler).attach(engine)
+    ProvisionalTesting(None, [], _NoScansAnchors(), round_epochs=4, lr_scheduler=scheduler).attach(engine)
     engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", "cpu"))
     lrs: list[float] = []
 
