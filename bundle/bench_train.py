@@ -53,7 +53,7 @@ def bench_train(
         optimizer.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return loss.item()
 
     stats = time_runs(step, repeats=int(steps), warmup=2)
     rate = batch_size / stats["median_s"]
