@@ -14,8 +14,8 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from monai.apps.utils import get_logger
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from custom_components.cache import PreprocessedScans
