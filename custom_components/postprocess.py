@@ -64,8 +64,9 @@ def select_detections(
         outputs: the network's head outputs ``[(B, A_h*5, I_h, J_h, K_h), ...]``.
         anchors: regression anchors of those heads.
         coder: decodes offsets to cubes.
-        image_shape: ``(I, J, K)`` of the input; candidates whose decoded centre falls outside it (in the network's
-            zero padding, or regressed off the edge) are dropped before NMS, so every mark maps inside the scan.
+        image_shape: ``(I, J, K)`` of the input; candidates whose decoded centre falls outside its voxels (in the
+            network's zero padding, or regressed off the edge) are dropped before NMS: every mark's centre lies in
+            ``[-0.5, I - 0.5] x [-0.5, J - 0.5] x [-0.5, K - 0.5]``.
 
     Returns:
         ``B`` pairs ``(cubes (K, 4) (ci, cj, ck, d) in input voxel coordinates, scores (K,))``, scores descending.

@@ -47,6 +47,7 @@ def test_evaluating_workflow_writes_submission_and_froc_report(tmp_path):
     generate_cohort(cohort, scans=3, seed=5, progress=False)
     (cohort / "datalist.json").write_text(json.dumps(build_datalist(cohort)))
     # an untrained network whose noduleness starts at 0.5 rather than 0.01: marks above the threshold to score
+    torch.manual_seed(0)
     torch.save(build_network("lean", prior=0.5).state_dict(), tmp_path / "model.pt")
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
