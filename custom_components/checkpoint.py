@@ -22,7 +22,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.apps.utils import get_logger
 
-from custom_components.utils import atomic_write
+from custom_components.utils import atomic_write, partial_writes
 
 logger = get_logger("nodule_detection")
 
@@ -52,7 +52,7 @@ class AtomicDiskSaver(BaseSaveHandler):
 
     def remove_partial(self) -> list[Path]:
         """Delete the temporary files that killed writes left behind; returns them."""
-        partial = sorted(self.dirname.glob(".*.tmp"))
+        partial = partial_writes(self.dirname)
         for path in partial:
             path.unlink(missing_ok=True)
         return partial

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes."""
+"""Small shared helpers: atomic writes and the partial files of interrupted ones."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import IO, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_PARTIAL_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
@@ -23,7 +24,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         raise ValueError(f"atomic_write supports modes 'w' and 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX, dir=path.parent)
     # mkstemp creates the file 0600; give it the mode a plain open() would, so outputs stay readable by others
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
@@ -36,3 +37,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def partial_writes(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files (``.<name>.*.tmp``) that :func:`atomic_write` calls killed mid-write left in ``folder``."""
+    return sorted(Path(folder).glob(f".*{_PARTIAL_SUFFIX}"))
