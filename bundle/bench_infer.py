@@ -42,7 +42,7 @@ def bench_infer(
     from monai.bundle import ConfigParser
 
     from custom_components.geometry import nodules_voxel_to_world
-    from custom_components.transforms import run_chain
+    from custom_components.errors import run_chain
 
     if not Path(image).exists():
         raise InputError(f"{image}: file not found (give --image, a CT volume)")

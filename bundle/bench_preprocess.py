@@ -37,7 +37,7 @@ def run_benchmark(
     from monai.bundle import ConfigParser
 
     from custom_components.io import read_image
-    from custom_components.transforms import run_chain
+    from custom_components.errors import run_chain
 
     image = Path(image)
     if not image.exists():

@@ -18,7 +18,7 @@ def synth(out: str, scans: int = 40, seed: int = 0, full_size: bool = False) -> 
         seed: cohort seed (>= 0).
         full_size: LUNA16-sized adult scans (512 x 512 in-plane) for benchmarks instead of the small CPU-demo chests.
     """
-    from custom_components.synth import generate_cohort
+    from bundle.synthetic import generate_cohort
 
     start = time.perf_counter()
     summary = generate_cohort(out, scans=scans, seed=seed, full_size=full_size)

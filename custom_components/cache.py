@@ -5,15 +5,20 @@ patch from a memory-mapped array microseconds. This is MONAI's ``PersistentDatas
 matters for patch sampling: the volume is stored as a plain ``.npy`` (float16, [0, 1]) that is memory-mapped, so a
 patch reads only its own bytes instead of unpickling the whole volume.
 
-A cache entry is ``<key>.npy`` (the image, ``(I, J, K)``) plus ``<key>.json`` (geometry and annotations), both written
+An entry's key hashes the datalist entry with :func:`definition_key` of the preprocessing chain, so an edited chain
+(a parameter, a transform, a transform's code) never reads a stale volume. A cache entry is ``<key>.npy`` (the image, ``(I, J, K)``) plus ``<key>.json`` (geometry and annotations), both written
 atomically; the JSON is written last, so an entry without JSON is incomplete and is rebuilt.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import hashlib
+import inspect
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,9 +28,61 @@ import torch
 from monai.data import Dataset
 from tqdm import tqdm
 
-from custom_components.utils import atomic_write
+from custom_components.atomic import atomic_write
+from custom_components.scan_files import seriesuid_of
 
 logger = logging.getLogger(__name__)
+
+
+def _canonical(obj: Any, seen: set[int]) -> Any:
+    """A JSON-able description of ``obj``'s type and state, recursing into containers and object attributes."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (enum.Enum, torch.dtype, np.dtype, type)):
+        return str(obj)
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        array = obj.detach().cpu().numpy() if isinstance(obj, torch.Tensor) else obj
+        return f"array{array.shape}{array.dtype}:{hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()}"
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [_canonical(x, seen) for x in obj]
+        return sorted(items, key=str) if isinstance(obj, (set, frozenset)) else items
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v, seen) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (np.random.RandomState, np.random.Generator, logging.Logger)):
+        return type(obj).__name__  # state of no consequence to a deterministic chain's output
+    if callable(obj) and not hasattr(obj, "__dict__"):
+        return getattr(obj, "__qualname__", repr(obj))
+    if id(obj) in seen:
+        return "<cycle>"
+    seen.add(id(obj))
+    cls = type(obj)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "code": _class_code(cls),
+        "state": _canonical(vars(obj), seen) if hasattr(obj, "__dict__") else repr(obj),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _class_code(cls: type) -> str:
+    """Digest of the source of ``cls`` and its bases (so an edit to a transform's code changes the key)."""
+    digest = hashlib.sha1()
+    for base in cls.__mro__:
+        if base is object:
+            continue
+        try:
+            digest.update(inspect.getsource(base).encode())
+        except (OSError, TypeError):  # compiled classes have no source: their module's version stands for it
+            module = base.__module__.split(".")[0]
+            digest.update(f"{base.__module__}.{base.__qualname__}@{getattr(sys.modules.get(module), '__version__', '')}".encode())
+    return digest.hexdigest()
+
+
+def definition_key(transform: Any) -> str:
+    """A digest of what a preprocessing chain does: every transform's class, its source code and its parameters,
+    recursively. Two chains with the same key produce the same volumes; any change gives another key."""
+    text = json.dumps(_canonical(transform, set()), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 @dataclass
@@ -81,8 +138,6 @@ class PreprocessedScans(Sequence[CachedScan]):
         transform: the preprocessing chain (``configs`` id ``preprocessing``) mapping an entry to ``image``
             ``(1, I, J, K)`` MetaTensor with an LPS affine, ``nodules_voxel`` and ``excluded_voxel``.
         cache_dir: where the ``.npy``/``.json`` pairs live.
-        cache_key: a string that changes whenever the preprocessing parameters change (the configs pass the HU
-            window, spacing and margin); it is hashed with each entry, so a changed chain never reads stale volumes.
         num_workers: processes used to preprocess the scans missing from the cache.
     """
 
@@ -91,14 +146,14 @@ class PreprocessedScans(Sequence[CachedScan]):
         data: Sequence[dict],
         transform: Callable[[dict], dict],
         cache_dir: str | Path,
-        cache_key: str = "",
         num_workers: int = 0,
     ) -> None:
         self.data = [as_datalist_entry(item) for item in data]
         self.transform = transform
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.keys = [self._key(item, cache_key) for item in self.data]
+        definition = definition_key(transform)
+        self.keys = [self._key(item, definition) for item in self.data]
         self._build_missing(num_workers)
         self._scans = [self._load(k) for k in self.keys]
 
@@ -125,7 +180,7 @@ class PreprocessedScans(Sequence[CachedScan]):
         with atomic_write(self.cache_dir / f"{key}.npy", "wb") as f:
             np.save(f, array.astype(np.float16))
         meta = {
-            "seriesuid": item.get("seriesuid", Path(str(item["image"])).stem),
+            "seriesuid": item.get("seriesuid") or seriesuid_of(image, str(item["image"])),
             "affine": affine.tolist(),
             "nodules_voxel": _rows(out.get("nodules_voxel")).tolist(),
             "excluded_voxel": _rows(out.get("excluded_voxel")).tolist(),

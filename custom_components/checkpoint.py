@@ -22,7 +22,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.apps.utils import get_logger
 
-from custom_components.utils import atomic_write, partial_writes
+from custom_components.atomic import atomic_write, partial_writes
 
 logger = get_logger("nodule_detection")
 
@@ -34,7 +34,7 @@ def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Path 
 
 
 class AtomicDiskSaver(BaseSaveHandler):
-    """Ignite save handler writing through :func:`~custom_components.utils.atomic_write`.
+    """Ignite save handler writing through :func:`~custom_components.atomic.atomic_write`.
 
     Unlike Ignite's ``DiskSaver(atomic=True)``, the file is synced before it replaces the old one, and the temporary
     file of a killed write is recognisable (``.<name>.*.tmp``), so that :meth:`remove_partial` can clear it.

@@ -1,5 +1,10 @@
 """The one exception type for bad input: a message a user can act on, naming the file and the problem."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 
 class InputError(ValueError):
     """Bad input given to the bundle (missing or unreadable file, wrong content, wrong coordinates, ...).
@@ -7,3 +12,20 @@ class InputError(ValueError):
     The message must name the file (and row, for tables) and say what is wrong, e.g.
     ``"/data/scan.mhd: header is unreadable (no ElementDataFile)"``.
     """
+
+
+def run_chain(chain: Callable[[Any], Any], data: Any) -> Any:
+    """``chain(data)``, re-raising an :class:`InputError` from inside as itself.
+
+    MONAI's ``Compose`` wraps every exception of a transform in ``RuntimeError("applying transform ...")``; a CLI
+    command calling a chain through this gets the :class:`InputError` back and ends with one ``error:`` line.
+    """
+    try:
+        return chain(data)
+    except RuntimeError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise InputError(str(cause)) from err

@@ -1,5 +1,5 @@
 """Reports of a FROC evaluation (:class:`custom_components.froc.FROCResult`): a text table, JSON, the curve as CSV and
-the FROC plot as PNG. Every file is written atomically (``custom_components.utils.atomic_write``)."""
+the FROC plot as PNG, and :class:`FROCReport`, the evaluator handler that writes them. Every file is written atomically (``custom_components.atomic.atomic_write``)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,22 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
+from ignite.engine import Engine, Events
+from monai.apps.utils import get_logger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from custom_components.froc import FP_RATE_LABELS, SUBMISSION_COLUMNS, FROCResult
-from custom_components.utils import atomic_write
+from custom_components.froc import FP_RATE_LABELS, FROCResult, froc_scores
+from custom_components.atomic import atomic_write
+from custom_components.luna16_tables import write_submission
 
-__all__ = ["format_table", "result_to_dict", "write_json", "write_curve_csv", "plot_froc", "write_report", "write_submission"]
+logger = get_logger("nodule_detection")
+
+__all__ = ["format_table", "result_to_dict", "write_json", "write_curve_csv", "plot_froc", "write_report", "FROCReport"]
 
 
 def _ci(low: float, high: float) -> str:
@@ -167,18 +173,49 @@ def write_report(result: FROCResult, out_dir: str | os.PathLike, title: str = "F
     }
 
 
-def write_submission(marks: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Write detections as a LUNA16 submission CSV ``seriesuid,coordX,coordY,coordZ,probability``.
+class FROCReport:
+    """Attached to the evaluator of ``configs/evaluate.json``: collects every scan's marks and, when the run completes,
+    writes the LUNA16 submission CSV and the FROC report (table on the log, ``froc.json``, ``froc.csv``, ``froc.png``).
 
     Args:
-        marks: ``{seriesuid: (N, 4) (x, y, z, probability)}``, world LPS mm; rows are written highest probability
-            first per scan.
-        path: the CSV to write (atomically).
+        output_dir: where ``submission.csv`` and the report go.
+        bootstrap: bootstrap resamples for the 95% confidence intervals (LUNA16: 1000).
+        seed: seed of the resampling.
+        title: title of the plot.
     """
-    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(SUBMISSION_COLUMNS) + "\n")
-        for uid, rows in marks.items():
-            rows = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
-            for x, y, z, p in rows[np.argsort(-rows[:, 3], kind="stable")]:
-                f.write(f"{uid},{x:.3f},{y:.3f},{z:.3f},{p:.6f}\n")
-    return Path(path)
+
+    def __init__(self, output_dir: str | Path, bootstrap: int = 1000, seed: int = 0, title: str = "FROC") -> None:
+        self.output_dir = Path(output_dir)
+        self.bootstrap = bootstrap
+        self.seed = seed
+        self.title = title
+        self._scans: dict[str, dict[str, Any]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self._scans.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._report)
+
+    def _collect(self, engine: Engine) -> None:
+        for scan in engine.state.output:
+            self._scans.setdefault(scan["seriesuid"], scan)
+
+    def _report(self, engine: Engine) -> None:
+        if idist.get_world_size() > 1:
+            self._scans = {k: v for part in idist.all_gather(self._scans) for k, v in part.items()}
+        if idist.get_rank() != 0:
+            return
+        uids = sorted(self._scans)
+        marks = {u: self._scans[u]["marks"] for u in uids}
+        result = froc_scores(
+            marks,
+            {u: self._scans[u]["nodules"] for u in uids},
+            {u: self._scans[u]["excluded"] for u in uids},
+            uids,
+            bootstrap=self.bootstrap,
+            seed=self.seed,
+        )
+        submission = write_submission(marks, self.output_dir / "submission.csv")
+        files = write_report(result, self.output_dir, title=self.title)
+        logger.info("FROC over %d scans\n%s", len(uids), format_table(result))
+        logger.info("wrote %s, %s", submission, ", ".join(str(p) for p in files.values()))

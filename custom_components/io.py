@@ -27,6 +27,7 @@ from custom_components.errors import InputError
 
 __all__ = [
     "SimpleITKReader",
+    "IMAGE_SUFFIXES",
     "LoadCTd",
     "LoadedImage",
     "read_image",
@@ -35,7 +36,8 @@ __all__ = [
     "check_ct_values",
 ]
 
-SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".dcm")
+#: the volume files the reader opens (besides DICOM series folders and ``.dcm`` files); every scan finder uses these
+IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd")
 
 # "Is this a CT in Hounsfield units?": a CT holds air (about -1000 HU; lungs and the air around the body) and
 # something denser than air. No voxel below AIR_MAX_HU means the values are not HU (MRI, CT stored without its
@@ -272,7 +274,7 @@ class SimpleITKReader(ImageReader):
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         """True for MetaImage, NIfTI, NRRD and DICOM files, and for folders (DICOM series)."""
         names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
-        return all(Path(n).is_dir() or str(n).lower().endswith(SUFFIXES) for n in names)
+        return all(Path(n).is_dir() or str(n).lower().endswith(IMAGE_SUFFIXES + (".dcm",)) for n in names)
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> LoadedImage | list[LoadedImage]:
         """Read one path (or each of several paths) with :func:`read_image`."""

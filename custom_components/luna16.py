@@ -1,4 +1,4 @@
-"""LUNA16 tables and folders -> the bundle's datalist (``docs/conventions.md``).
+"""LUNA16-style folders (and their tables, read by :mod:`custom_components.luna16_tables`) -> the bundle's datalist (``docs/conventions.md``).
 
 LUNA16 ships its scans as ``subset0/`` .. ``subset9/`` folders of ``<seriesuid>.mhd`` + ``.raw``, and three tables:
 ``annotations.csv`` (the 1186 nodules), ``annotations_excluded.csv`` (irrelevant findings, ``diameter_mm = -1`` when
@@ -9,116 +9,40 @@ the header being row 1.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
 import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from custom_components.datalist import N_FOLDS
 from custom_components.errors import InputError
-from custom_components.utils import atomic_write
+from custom_components.io import IMAGE_SUFFIXES
+from custom_components.luna16_tables import read_annotations
+from custom_components.atomic import atomic_write
 
 __all__ = [
-    "ANNOTATION_COLUMNS",
-    "read_annotations",
-    "read_seriesuids",
     "find_scans",
     "fold_of",
     "build_datalist",
     "write_datalist",
 ]
 
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-SCAN_SUFFIXES = (".mhd", ".mha", ".nii.gz", ".nii")
-N_FOLDS = 5
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DICOM_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # LUNA16 names its scans <seriesuid>.mhd
 _SUBSET = re.compile(r"^subset([0-9])$")
 _NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")  # a JSON list of numbers only, spread over lines
 
 
-def read_annotations(path: str | os.PathLike, allow_unknown_diameter: bool = False) -> dict[str, list[list[float]]]:
-    """Read a LUNA16 annotations table: seriesuid -> rows ``[x, y, z, d]`` (LPS mm, file order).
-
-    Args:
-        path: CSV with at least the columns of :data:`ANNOTATION_COLUMNS` (any order, more columns allowed).
-        allow_unknown_diameter: accept ``diameter_mm <= 0`` (``annotations_excluded.csv`` uses -1 for "unknown");
-            otherwise a diameter must be positive.
-
-    Raises:
-        InputError: missing file, empty file, missing column, short row, empty seriesuid, a value that is not a
-            finite number, a non-positive diameter; the message names the file and row.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    table: dict[str, list[list[float]]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header or not any(h.strip() for h in header):
-            raise InputError(f"{path}: empty file (expected a header {','.join(ANNOTATION_COLUMNS)})")
-        header = [h.strip() for h in header]
-        missing = [c for c in ANNOTATION_COLUMNS if c not in header]
-        if missing:
-            raise InputError(
-                f"{path}: row 1 (header): missing column(s) {', '.join(missing)}; found {', '.join(header)}"
-            )
-        columns = [header.index(c) for c in ANNOTATION_COLUMNS]
-        for row_number, row in enumerate(reader, start=2):
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) <= max(columns):
-                raise InputError(f"{path}: row {row_number}: {len(row)} values, expected {len(header)}")
-            uid = row[columns[0]].strip()
-            if not uid:
-                raise InputError(f"{path}: row {row_number}: empty seriesuid")
-            values = []
-            for name, column in zip(ANNOTATION_COLUMNS[1:], columns[1:]):
-                cell = row[column].strip()
-                try:
-                    value = float(cell)
-                except ValueError:
-                    value = math.nan
-                if not math.isfinite(value):
-                    raise InputError(f"{path}: row {row_number}: {name} = {cell!r} is not a number")
-                values.append(value)
-            if values[3] <= 0 and not allow_unknown_diameter:
-                raise InputError(f"{path}: row {row_number}: diameter_mm = {values[3]:g} must be positive")
-            table.setdefault(uid, []).append(values)
-    return table
-
-
-def read_seriesuids(path: str | os.PathLike) -> list[str]:
-    """Read a list of seriesuids, one a line: LUNA16's header-less ``seriesuids.csv`` or one with a ``seriesuid``
-    header (only the first column is read). Raises :class:`InputError` (file and row) for an empty file or a value
-    that is not a DICOM UID (digits and dots)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    uids: list[str] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for row_number, row in enumerate(csv.reader(f), start=1):
-            cell = row[0].strip() if row else ""
-            if not cell or (row_number == 1 and cell == "seriesuid"):
-                continue
-            if not _UID.match(cell):
-                raise InputError(f"{path}: row {row_number}: {cell!r} is not a seriesuid (digits and dots)")
-            uids.append(cell)
-    if not uids:
-        raise InputError(f"{path}: empty file (expected one seriesuid a line)")
-    return uids
-
-
 def _scan_uid(path: Path) -> str | None:
     name = path.name
-    for suffix in SCAN_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             uid = name[: -len(suffix)]
-            return uid if _UID.match(uid) else None
+            return uid if _DICOM_UID.match(uid) else None
     return None
 
 
@@ -127,7 +51,7 @@ def find_scans(luna_root: str | os.PathLike) -> dict[str, tuple[Path, int | None
 
     Looks in ``subset0`` .. ``subset9`` folders (at any depth, e.g. ``subset3/subset3/`` as some unzip tools leave
     them), and directly in ``luna_root`` (a flat folder, subset unknown). A scan is a file named
-    ``<seriesuid>`` + one of :data:`SCAN_SUFFIXES`. Raises :class:`InputError` when ``luna_root`` is not a folder or
+    ``<seriesuid>`` + one of :data:`IMAGE_SUFFIXES`. Raises :class:`InputError` when ``luna_root`` is not a folder or
     a seriesuid appears twice.
     """
     root = Path(luna_root).resolve()
@@ -165,7 +89,7 @@ def _default_table(root: Path, name: str) -> Path | None:
 
 
 def _split_by_disk(
-    table: dict[str, list[list[float]]], on_disk: dict[str, Any], source: Path, root: Path
+    table: dict[str, np.ndarray], on_disk: dict[str, Any], source: Path, root: Path
 ) -> dict[str, list[list[float]]]:
     """Keep the series of ``table`` present on disk; warn (how many series and rows) about the others."""
     absent = [uid for uid in table if uid not in on_disk]
@@ -175,7 +99,7 @@ def _split_by_disk(
             f"{source}: {len(absent)} of {len(table)} series ({rows} rows) are not under {root} and are skipped",
             stacklevel=3,
         )
-    return {uid: rows for uid, rows in table.items() if uid in on_disk}
+    return {uid: np.asarray(rows).tolist() for uid, rows in table.items() if uid in on_disk}
 
 
 def build_datalist(
@@ -218,7 +142,7 @@ def build_datalist(
         nodules = _split_by_disk(read_annotations(annotations_path), scans, annotations_path, root)
     if excluded_path is not None:
         findings = _split_by_disk(
-            read_annotations(excluded_path, allow_unknown_diameter=True), scans, excluded_path, root
+            read_annotations(excluded_path, excluded=True), scans, excluded_path, root
         )
     entries = [
         {
@@ -236,7 +160,7 @@ def build_datalist(
 
 def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``datalist`` as indented JSON, one nodule row a line, atomically
-    (:func:`custom_components.utils.atomic_write`)."""
+    (:func:`custom_components.atomic.atomic_write`)."""
     path = Path(path)
     text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",
                             json.dumps(datalist, indent=2))

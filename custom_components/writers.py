@@ -8,7 +8,7 @@ Coordinates (``docs/conventions.md``):
 - *cubes* are ``(N, 4)`` rows ``(ci, cj, ck, d)`` in **voxel indices** of the preprocessed volume (1 mm voxels,
   ``LPS`` axcodes), so ``d`` in voxels is also the diameter in mm. Only the PNG, which draws that volume, uses them.
 
-Every file is written atomically through :func:`custom_components.utils.atomic_write`.
+Every file is written atomically through :func:`custom_components.atomic.atomic_write`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from matplotlib.patches import Circle
 from monai.apps.utils import get_logger
 
 from custom_components.errors import InputError
-from custom_components.froc_report import write_submission
-from custom_components.utils import atomic_write
+from custom_components.luna16_tables import write_submission
+from custom_components.atomic import atomic_write
 
 __all__ = [
     "MARKUPS_SCHEMA",
@@ -308,14 +308,13 @@ def _numpy(value: Any) -> np.ndarray:
 class DetectionWriter:
     """Ignite handler writing each scan's detections when a MONAI evaluator iteration completes.
 
-    ``engine.state.output`` is a list of per-scan dicts (numpy arrays or CPU tensors)::
+    ``engine.state.output`` is a list of per-scan dicts, as :class:`custom_components.scan_detection.ScanInference`
+    returns them::
 
-        {"seriesuid": str, "image_path": str,
-         "marks": (N, 4) x, y, z, probability (world LPS mm), "cubes": (N, 4) ci, cj, ck, d (voxels of "image"),
-         "scores": (N,), "image": (I, J, K) preprocessed volume in [0, 1]}
+        {"seriesuid": str, "image_path": str, "detections": ScanDetections, "image": (I, J, K) preprocessed volume}
 
-    ``marks`` and ``cubes`` describe the same detections row for row (``marks`` are ``cubes`` mapped to the
-    original scan's world), and ``d`` is taken as the diameter in mm because the preprocessed grid is 1 mm.
+    The CSV, JSON and markups files take the detections' world rows ``(x, y, z, d)`` (LPS mm) and scores; only the
+    PNG, which draws the preprocessed volume, takes their voxel cubes.
     For every scan it writes ``<output_dir>/<seriesuid>.csv`` (:func:`write_luna_csv`), ``.json``
     (:func:`write_detection_json`), ``.mrk.json`` (:func:`write_slicer_markups`) and ``.png``
     (:func:`write_detection_png`), each switchable, and logs one line.
@@ -355,23 +354,25 @@ class DetectionWriter:
         uid = str(scan["seriesuid"])
         if not uid or uid in (".", "..") or "/" in uid or os.sep in uid:
             raise InputError(f"{self.output_dir}: seriesuid {uid!r} cannot name a file")
-        marks = _numpy(scan["marks"]).astype(np.float64).reshape(-1, 4)
-        cubes = _numpy(scan["cubes"]).astype(np.float64).reshape(-1, 4)
-        if len(cubes) != len(marks):
-            raise InputError(f"{uid}: {len(marks)} marks but {len(cubes)} cubes; they must be the same detections")
+        detections = scan["detections"]
+        marks, diameters = detections.marks, detections.world[:, 3]
         out = self.output_dir
         written: list[Path] = []
         if self.csv:
             written.append(write_luna_csv(uid, marks, out / f"{uid}.csv"))
         if self.json:
             written.append(
-                write_detection_json(uid, marks, out / f"{uid}.json", scan.get("image_path"), diameters=cubes[:, 3])
+                write_detection_json(uid, marks, out / f"{uid}.json", scan.get("image_path"), diameters=diameters)
             )
         if self.markups:
-            written.append(write_slicer_markups(uid, marks, out / f"{uid}.mrk.json", diameters=cubes[:, 3]))
+            written.append(write_slicer_markups(uid, marks, out / f"{uid}.mrk.json", diameters=diameters))
         if self.png:
-            image, scores = _numpy(scan["image"]), _numpy(scan["scores"])
-            written.append(write_detection_png(image, cubes, scores, out / f"{uid}.png", top=self.png_top, title=uid))
+            written.append(
+                write_detection_png(
+                    _numpy(scan["image"]), detections.cubes, detections.scores, out / f"{uid}.png",
+                    top=self.png_top, title=uid,
+                )
+            )
         best = f" (best p={marks[:, 3].max():.3f})" if len(marks) else ""
         files = ", ".join(path.name for path in written) or "nothing"
         logger.info(f"{uid}: {len(marks)} detections{best}; wrote {files} to {out}")

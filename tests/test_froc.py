@@ -14,20 +14,8 @@ import pytest
 
 from bundle.__main__ import main
 from custom_components.errors import InputError
-from custom_components.froc import (
-    EXCLUDED,
-    FP,
-    FP_RATES,
-    HIT,
-    classify_marks,
-    combine_submissions,
-    froc_scores,
-    limit_marks,
-    read_annotations,
-    read_seriesuids,
-    read_submission,
-    score_files,
-)
+from custom_components.froc import EXCLUDED, FP, FP_RATES, HIT, classify_marks, froc_scores, limit_marks
+from custom_components.luna16_tables import combine_submissions, read_annotations, read_seriesuids, read_submission, score_files
 from custom_components.froc_report import format_table, write_report
 
 REPO = Path(__file__).resolve().parents[1]

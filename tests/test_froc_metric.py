@@ -1,4 +1,4 @@
-"""FROCMetric (custom_components.metrics): in an Ignite engine, standalone, and gathered across 2 gloo ranks."""
+"""FROCMetric (custom_components.froc_metric): in an Ignite engine, standalone, and gathered across 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
 
 from custom_components.froc import froc_scores
-from custom_components.metrics import FROCMetric
+from custom_components.froc_metric import FROCMetric
 
 
 def _scans(seed: int = 0, n: int = 10) -> list[dict]:

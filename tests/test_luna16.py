@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from bundle.prepare_luna16 import prepare_luna16
-from custom_components.data import load_datalist, select_fold
+from custom_components.datalist import load_datalist, select_fold
 from custom_components.errors import InputError
-from custom_components.luna16 import build_datalist, find_scans, fold_of, read_annotations, read_seriesuids
+from custom_components.luna16 import build_datalist, find_scans, fold_of
 from tests.conftest import LIDC_0001_UID, LIDC_0002_UID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,39 +97,6 @@ def test_no_scans_is_an_error(tmp_path: Path):
         build_datalist(tmp_path)
 
 
-def test_annotation_errors_name_file_and_row(tmp_path: Path):
-    path = tmp_path / "annotations.csv"
-    path.write_text("seriesuid,coordX,coordY,diameter_mm\n1.2.3,1,2,3\n")
-    with pytest.raises(InputError, match=r"annotations\.csv: row 1 \(header\): missing column\(s\) coordZ"):
-        read_annotations(path)
-    path.write_text(HEADER + "1.2.3,1,2,3,4\n1.2.3,1,abc,3,4\n")
-    with pytest.raises(InputError, match=r"annotations\.csv: row 3: coordY = 'abc' is not a number"):
-        read_annotations(path)
-    path.write_text(HEADER + "1.2.3,1,2,3,-1\n")
-    with pytest.raises(InputError, match=r"annotations\.csv: row 2: diameter_mm = -1 must be positive"):
-        read_annotations(path)
-    assert read_annotations(path, allow_unknown_diameter=True) == {"1.2.3": [[1.0, 2.0, 3.0, -1.0]]}
-    path.write_text("")
-    with pytest.raises(InputError, match=r"annotations\.csv: empty file"):
-        read_annotations(path)
-    with pytest.raises(InputError, match=r"missing\.csv: file not found"):
-        read_annotations(tmp_path / "missing.csv")
-
-
-def test_seriesuids_with_and_without_header(tmp_path: Path):
-    bare = tmp_path / "bare.csv"
-    bare.write_text(f"{UID_A}\n{UID_B}\n")
-    headed = tmp_path / "headed.csv"
-    headed.write_text(f"seriesuid\n{UID_A}\n\n{UID_B}\n")
-    assert read_seriesuids(bare) == read_seriesuids(headed) == [UID_A, UID_B]
-    bare.write_text(f"{UID_A}\nscan-2\n")
-    with pytest.raises(InputError, match=r"bare\.csv: row 2: 'scan-2' is not a seriesuid"):
-        read_seriesuids(bare)
-    headed.write_text("seriesuid\n")
-    with pytest.raises(InputError, match=r"headed\.csv: empty file"):
-        read_seriesuids(headed)
-
-
 def test_load_datalist_checks_images(tmp_path: Path):
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps({"scans": [{"image": "gone.mhd", "seriesuid": UID_A, "fold": 0}]}))
@@ -156,5 +123,5 @@ def test_cli_prepare_luna16(tmp_path: Path):
     failed = _cli("prepare-luna16", "--luna-root", str(root), "--out", str(tmp_path / "out"))
     assert failed.returncode == 2
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {root / 'annotations.csv'}: row 2: coordZ = 'x' is not a number"]
+    assert errors == [f"error: {root / 'annotations.csv'}: row 2: coordZ is 'x', not a finite number"]
     assert "Traceback" not in failed.stderr

@@ -13,7 +13,9 @@ from monai.data import MetaTensor
 from monai.transforms import Spacingd
 
 from custom_components.geometry import nodules_voxel_to_world, voxel_to_world, world_to_voxel
-from custom_components.transforms import NodulesToVoxeld, SeparableSpacingd, lung_mask
+from custom_components.nodule_labels import NodulesToVoxeld
+from custom_components.resampling import SeparableSpacingd
+from custom_components.lung_mask import lung_mask
 from tests.conftest import LIDC_0001_UID, LIDC_0002_UID
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,16 +13,16 @@ from scipy import ndimage
 
 from bundle.__main__ import main
 from custom_components.errors import InputError
-from custom_components.synth import (
+from bundle.synthetic import (
     generate_cohort,
     sample_diameters,
     sample_nodule_count,
     synthesize_scan,
     write_scan,
 )
-from custom_components.synth.anatomy import ChestAnatomy, LungField
-from custom_components.synth.nodules import diameter_table, make_nodule, place_nodules
-from custom_components.synth.vessels import grow_vessel_trees
+from bundle.synthetic.anatomy import ChestAnatomy, LungField
+from bundle.synthetic.nodules import diameter_table, make_nodule, place_nodules
+from bundle.synthetic.vessels import grow_vessel_trees
 
 SEED = 7
 SCANS = 3

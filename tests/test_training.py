@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.synth.cohort import generate_cohort
+from bundle.synthetic.cohort import generate_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 

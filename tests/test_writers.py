@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Engine
 
 from custom_components.errors import InputError
-from custom_components.froc import read_submission
+from custom_components.luna16_tables import read_submission
 from custom_components.writers import (
     MARKUPS_SCHEMA,
     DetectionWriter,

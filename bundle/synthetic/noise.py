@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from custom_components.synth.raster import ScanGrid
+from bundle.synthetic.raster import ScanGrid
 
 __all__ = ["SmoothField", "blur_and_add_noise"]
 

@@ -21,12 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from custom_components.errors import InputError
-from custom_components.synth.anatomy import ChestAnatomy, LungField, Tube
-from custom_components.synth.noise import SmoothField, blur_and_add_noise
-from custom_components.synth.nodules import Nodule, place_nodules, sample_nodule_count
-from custom_components.synth.raster import ScanGrid, paint_capsules, paint_spheres
-from custom_components.synth.vessels import grow_vessel_trees
-from custom_components.utils import atomic_write
+from bundle.synthetic.anatomy import ChestAnatomy, LungField, Tube
+from bundle.synthetic.noise import SmoothField, blur_and_add_noise
+from bundle.synthetic.nodules import Nodule, place_nodules, sample_nodule_count
+from bundle.synthetic.raster import ScanGrid, paint_capsules, paint_spheres
+from bundle.synthetic.vessels import grow_vessel_trees
+from custom_components.atomic import atomic_write
 
 __all__ = ["UID_ROOT", "SyntheticScan", "seriesuid", "synthesize_scan", "write_scan", "generate_cohort"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from custom_components.synth.anatomy import LungField
+from bundle.synthetic.anatomy import LungField
 
 __all__ = [
     "Nodule",

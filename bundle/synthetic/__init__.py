@@ -7,8 +7,8 @@ ground-glass; free, juxta-pleural, juxta-vascular) whose diameters follow LUNA16
 See docs/synthetic_cohort.md.
 """
 
-from custom_components.synth.cohort import SyntheticScan, generate_cohort, seriesuid, synthesize_scan, write_scan
-from custom_components.synth.nodules import sample_diameters, sample_nodule_count
+from bundle.synthetic.cohort import SyntheticScan, generate_cohort, seriesuid, synthesize_scan, write_scan
+from bundle.synthetic.nodules import sample_diameters, sample_nodule_count
 
 __all__ = [
     "SyntheticScan",

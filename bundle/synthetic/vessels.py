@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from custom_components.synth.anatomy import ChestAnatomy, LungField
+from bundle.synthetic.anatomy import ChestAnatomy, LungField
 
 __all__ = ["grow_vessel_trees"]
 

@@ -5,7 +5,7 @@ slice by slice on 2D maps precomputed once per scan, so rendering is a handful o
 slice. The axial cross-section is a superellipse whose size changes slowly with z; the chest wall, ribs and lungs are
 placed by their *depth* below the skin (mm along the ray from the body centre), which keeps the wall equally thick
 all round. Tubular organs (trachea, main bronchi, aorta, oesophagus) are capsules, rendered with partial volume by
-:func:`~custom_components.synth.raster.paint_capsules`.
+:func:`~bundle.synthetic.raster.paint_capsules`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from custom_components.synth.raster import ScanGrid
+from bundle.synthetic.raster import ScanGrid
 
 __all__ = ["HU", "Tube", "ChestAnatomy", "Plane", "LungField"]
 
