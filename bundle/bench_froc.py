@@ -11,7 +11,11 @@ import numpy as np
 from bundle.timing import time_runs
 from custom_components.errors import InputError
 from custom_components.froc import froc_scores
-from custom_components.luna16_tables import read_annotations, read_submission, score_files
+from custom_components.luna16_tables import (
+    read_annotations,
+    read_submission,
+    score_files,
+)
 
 _LIDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -41,8 +42,8 @@ def bench_infer(
     """
     from monai.bundle import ConfigParser
 
-    from custom_components.geometry import nodules_voxel_to_world
     from custom_components.errors import run_chain
+    from custom_components.scan_detection import detect_scan
 
     if not Path(image).exists():
         raise InputError(f"{image}: file not found (give --image, a CT volume)")
@@ -69,13 +70,11 @@ def bench_infer(
         start = time.perf_counter()
         data = run_chain(preprocessing, {"image": str(image)})
         mid = time.perf_counter()
-        result = detector(data["image"][None].to(dev), use_inferer=sliding_window)[0]
-        cubes = result[detector.cube_key].cpu().numpy()
-        world = nodules_voxel_to_world(cubes, np.asarray(data["image"].affine)) if len(cubes) else cubes
+        found = detect_scan(detector, data["image"], data["image"].affine, dev, use_inferer=sliding_window)
         sync()
         parts["preprocess_s"].append(mid - start)
         parts["network_and_postprocess_s"].append(time.perf_counter() - mid)
-        counts.append(len(world))
+        counts.append(len(found.scores))
         return tuple(data["image"].shape)
 
     stats = time_runs(run_once, repeats=int(repeats), warmup=1)

@@ -1,4 +1,4 @@
-"""``python -m bundle bench-preprocess``: time and memory of the preprocessing chain of ``configs/preprocess.json``.
+"""``python -m bundle bench-preprocess``: time and memory of the preprocessing chain of ``configs/inference.json``.
 
 The chain runs end to end, loading included (the .mhd/.zraw decompression is part of what a user waits for), on one
 scan, ``repeats`` times after one warm-up run. Default scan: LIDC-IDRI-0002 (512 x 512 x 261 voxels of
@@ -27,7 +27,7 @@ DEFAULT_IMAGE = (
 def run_benchmark(
     image: str | os.PathLike = DEFAULT_IMAGE,
     repeats: int = 5,
-    config: str | os.PathLike = REPO / "configs" / "preprocess.json",
+    config: str | os.PathLike = REPO / "configs" / "inference.json",
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Time ``preprocessing`` of ``config`` on ``{"image": image}``; returns :func:`bundle.timing.time_runs`'s dict
@@ -36,8 +36,8 @@ def run_benchmark(
     ``load_average`` (1-minute system load at the end: above the core count, the wall times are inflated)."""
     from monai.bundle import ConfigParser
 
-    from custom_components.io import read_image
     from custom_components.errors import run_chain
+    from custom_components.io import read_image
 
     image = Path(image)
     if not image.exists():
@@ -62,7 +62,6 @@ def run_benchmark(
         image=str(image),
         input_shape=input_shape,
         output_shape=tuple(result["image"].shape),
-        lung_mask_shape=tuple(result["lung_mask"].shape),
         threads=torch.get_num_threads(),
         cpu_median_s=statistics.median(cpu_s[1:]),
         load_average=os.getloadavg()[0],
@@ -79,13 +78,13 @@ def bench_preprocess(
         image: CT volume (.mhd, NIfTI or DICOM folder); default LIDC-IDRI-0002 from ../shared/data/lidc.
         repeats: timed runs after one warm-up run.
         threads: torch threads (default: torch's, one per core).
-        config: preprocessing config (default configs/preprocess.json).
+        config: preprocessing config (default configs/inference.json).
     """
-    stats = run_benchmark(image, repeats, config or REPO / "configs" / "preprocess.json", threads)
+    stats = run_benchmark(image, repeats, config or REPO / "configs" / "inference.json", threads)
     runs = ", ".join(f"{t:.2f}" for t in stats["runs_s"])
     print(f"image        {stats['image']}")
     print(f"input shape  {stats['input_shape']} (I, J, K)")
-    print(f"output shape {stats['output_shape']} image float32 [0, 1], lung_mask {stats['lung_mask_shape']} uint8")
+    print(f"output shape {stats['output_shape']} image float32 [0, 1]")
     print(
         f"time         median {stats['median_s']:.2f} s, min {stats['min_s']:.2f} s, max {stats['max_s']:.2f} s "
         f"over {len(stats['runs_s'])} runs ({runs}); {stats['threads']} torch threads, {os.cpu_count()} CPUs"

@@ -8,6 +8,7 @@ loading excluded: patches are cropped from memory-mapped cached volumes, which c
 from __future__ import annotations
 
 import os
+
 import torch
 
 from bundle.timing import time_runs

@@ -17,9 +17,12 @@ from custom_components.datalist import load_datalist
 from custom_components.ensemble import merge_marks
 from custom_components.errors import InputError
 from custom_components.froc import froc_scores
-from custom_components.luna16_tables import combine_submissions, read_submission
 from custom_components.froc_report import format_table, write_report
-from custom_components.luna16_tables import write_submission
+from custom_components.luna16_tables import (
+    combine_submissions,
+    read_submission,
+    write_submission,
+)
 
 TRAIN = "configs/train.json"
 EVALUATE = "configs/evaluate.json"

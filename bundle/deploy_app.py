@@ -30,14 +30,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
 from custom_components.detector import NoduleDetector
 from custom_components.errors import InputError
-from custom_components.geometry import nodules_voxel_to_world
-from custom_components.inference import list_scans, seriesuid_of
+from custom_components.scan_detection import detect_scan
+from custom_components.scan_files import list_scans, seriesuid_of
 from custom_components.writers import DetectionWriter
 
 __all__ = [
@@ -188,7 +187,7 @@ class ScanLoaderOperator(Operator):
     """Finds the scans under the input path (SDK: ``DICOMDataLoaderOperator`` + series selection).
 
     Output ``"scans"``: datalist entries ``[{"image": path}, ...]``, one per image file or DICOM series folder
-    (:func:`custom_components.inference.list_scans`); reading happens in the detection operator's preprocessing.
+    (:func:`custom_components.scan_files.list_scans`); reading happens in the detection operator's preprocessing.
     """
 
     def __init__(self, input_path: str | Path, name: str | None = None) -> None:
@@ -216,8 +215,7 @@ class NoduleDetectionOperator(Operator):
     :class:`custom_components.writers.DetectionWriter`::
 
         {"seriesuid", "image_path",
-         "marks": (N, 4) x, y, z, probability (LPS world mm of the input scan),
-         "cubes": (N, 4) ci, cj, ck, d (voxels of the preprocessed volume, d in mm), "scores": (N,),
+         "detections": ScanDetections (world LPS mm of the input scan, voxel cubes of the preprocessed volume),
          "image": (I, J, K) the preprocessed volume in [0, 1]}
 
     Args:
@@ -253,16 +251,10 @@ class NoduleDetectionOperator(Operator):
         path = str(entry["image"])
         item = self.preprocessing({self.image_key: path})
         image = item[self.image_key]  # (1, I, J, K) MetaTensor, affine: voxel -> LPS mm of the input scan
-        result = self.detector(image[None].to(self.device), use_inferer=self.use_inferer)[0]
-        cubes = result[self.detector.cube_key].cpu().numpy().astype(np.float64)
-        scores = result[self.detector.pred_score_key].cpu().numpy().astype(np.float64)
-        world = nodules_voxel_to_world(cubes, np.asarray(image.affine, dtype=np.float64))
         return {
             "seriesuid": seriesuid_of(image, path),
             "image_path": path,
-            "marks": np.column_stack([world[:, :3], scores]),
-            "cubes": cubes,
-            "scores": scores,
+            "detections": detect_scan(self.detector, image, image.affine, self.device, self.use_inferer),
             "image": image[0].cpu().numpy(),
         }
 

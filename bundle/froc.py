@@ -6,8 +6,8 @@ import sys
 import warnings
 
 from custom_components.errors import InputError
-from custom_components.luna16_tables import score_files
 from custom_components.froc_report import format_table, write_report
+from custom_components.luna16_tables import score_files
 
 
 def froc(

@@ -12,12 +12,12 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine, Events
-from monai.apps.utils import get_logger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from monai.apps.utils import get_logger
 
-from custom_components.froc import FP_RATE_LABELS, FROCResult, froc_scores
 from custom_components.atomic import atomic_write
+from custom_components.froc import FP_RATE_LABELS, FROCResult, froc_scores
 from custom_components.luna16_tables import write_submission
 
 logger = get_logger("nodule_detection")

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from custom_components.atomic import atomic_write
 from custom_components.datalist import N_FOLDS
 from custom_components.errors import InputError
 from custom_components.io import IMAGE_SUFFIXES
 from custom_components.luna16_tables import read_annotations
-from custom_components.atomic import atomic_write
 
 __all__ = [
     "find_scans",

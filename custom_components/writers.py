@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from monai.apps.utils import get_logger
 
+from custom_components.atomic import atomic_write
 from custom_components.errors import InputError
 from custom_components.luna16_tables import write_submission
-from custom_components.atomic import atomic_write
 
 __all__ = [
     "MARKUPS_SCHEMA",

@@ -36,9 +36,9 @@ def lidc_0001_dicom(lidc_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="session")
 def preprocessing():
-    """The ``preprocessing`` Compose of ``configs/preprocess.json``, parsed once."""
+    """The ``preprocessing`` Compose of ``configs/inference.json``, parsed once."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "preprocess.json"))
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "inference.json"))
     return parser.get_parsed_content("preprocessing")

@@ -38,10 +38,10 @@ def test_metadata_missing_a_required_field_is_refused(tmp_path):
 
 def test_evaluating_workflow_writes_submission_and_froc_report(tmp_path):
     """``run evaluating`` over a fold: LUNA16 submission CSV, froc.json/csv/png, scored against the datalist."""
-    from custom_components.luna16_tables import read_submission
-    from custom_components.luna16 import build_datalist
-    from custom_components.network import build_network
     from bundle.synthetic.cohort import generate_cohort
+    from custom_components.luna16 import build_datalist
+    from custom_components.luna16_tables import read_submission
+    from custom_components.network import build_network
 
     cohort = tmp_path / "cohort"
     generate_cohort(cohort, scans=3, seed=5, progress=False)

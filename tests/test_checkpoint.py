@@ -69,15 +69,15 @@ class _NoScansAnchors:
 def test_a_round_judges_the_loss_plateau_on_its_own_losses():
     """Round 1's patches are harder: its loss starts above round 0's best and falls. That is no plateau, and the
     learning rate must stay; a round whose loss stops falling still decays it."""
+    from custom_components.rounds import PlateauPerRound, ProvisionalTesting
     from torch.optim.lr_scheduler import ReduceLROnPlateau
-
-    from custom_components.handlers import ProvisionalTesting
 
     losses = [3.0, 2.0, 1.5, 1.0, 2.5, 2.2, 2.2, 2.2, 2.0, 2.0, 2.0, 2.0]  # rounds of 4 epochs
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler = ReduceLROnPlateau(optimizer, patience=2)
     engine = Engine(lambda engine, batch: None)
-    ProvisionalTesting(None, [], _NoScansAnchors(), round_epochs=4, lr_scheduler=scheduler).attach(engine)
+    PlateauPerRound(scheduler).attach(engine)  # attached before the handler that fires the round events
+    ProvisionalTesting(None, [], _NoScansAnchors(), round_epochs=4).attach(engine)
     engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", "cpu"))
     lrs: list[float] = []
 

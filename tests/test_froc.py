@@ -14,9 +14,23 @@ import pytest
 
 from bundle.__main__ import main
 from custom_components.errors import InputError
-from custom_components.froc import EXCLUDED, FP, FP_RATES, HIT, classify_marks, froc_scores, limit_marks
-from custom_components.luna16_tables import combine_submissions, read_annotations, read_seriesuids, read_submission, score_files
+from custom_components.froc import (
+    EXCLUDED,
+    FP,
+    FP_RATES,
+    HIT,
+    classify_marks,
+    froc_scores,
+    limit_marks,
+)
 from custom_components.froc_report import format_table, write_report
+from custom_components.luna16_tables import (
+    combine_submissions,
+    read_annotations,
+    read_seriesuids,
+    read_submission,
+    score_files,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LIDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc"

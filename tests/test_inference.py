@@ -14,7 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from custom_components.errors import InputError
-from custom_components.inference import ScanInference, list_scans
+from custom_components.scan_detection import ScanInference
+from custom_components.scan_files import list_scans
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,17 +87,10 @@ def test_a_detection_at_a_known_voxel_maps_back_to_the_right_world_mm(tmp_path):
 
     engine = type("E", (), {"state": type("S", (), {"device": "cpu"})()})()
     (out,) = ScanInference(FixedDetector())(engine, [data])
-    np.testing.assert_allclose(out["marks"][0, :3], sphere, atol=1.0)
-    assert out["marks"][0, 3] == pytest.approx(0.9)
+    marks = out["detections"].marks
+    np.testing.assert_allclose(marks[0, :3], sphere, atol=1.0)
+    assert marks[0, 3] == pytest.approx(0.9)
     assert out["seriesuid"] == "phantom"
-
-
-def test_every_config_shares_the_one_preprocessing_chain():
-    chains = {}
-    for name in ("preprocess", "train", "inference"):
-        config = json.loads((ROOT / "configs" / f"{name}.json").read_text())
-        chains[name] = {k: config[k] for k in ("preprocessing", "hu_window", "spacing_mm", "lung_margin_mm")}
-    assert chains["train"] == chains["preprocess"] == chains["inference"]
 
 
 def test_list_scans_finds_files_and_dicom_series_and_refuses_bad_paths(tmp_path, lidc_0001_dicom):

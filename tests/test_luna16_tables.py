@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from custom_components.errors import InputError
-from custom_components.luna16_tables import read_annotations, read_seriesuids, read_submission, write_submission
+from custom_components.luna16_tables import (
+    read_annotations,
+    read_seriesuids,
+    read_submission,
+    write_submission,
+)
 
 UID_A = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100"
 UID_B = "1.3.6.1.4.1.14519.5.2.1.6279.6001.200"

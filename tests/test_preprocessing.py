@@ -1,4 +1,4 @@
-"""The preprocessing chain of configs/preprocess.json and its transforms, on synthetic phantoms and the LIDC scans."""
+"""The preprocessing chain of configs/inference.json and its transforms, on synthetic phantoms and the LIDC scans."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Spacingd
+from monai.transforms import ResampleToMatch, Spacingd
 
-from custom_components.geometry import nodules_voxel_to_world, voxel_to_world, world_to_voxel
+from custom_components.geometry import (
+    nodules_voxel_to_world,
+    voxel_to_world,
+    world_to_voxel,
+)
+from custom_components.lung_mask import lung_mask
 from custom_components.nodule_labels import NodulesToVoxeld
 from custom_components.resampling import SeparableSpacingd
-from custom_components.lung_mask import lung_mask
 from tests.conftest import LIDC_0001_UID, LIDC_0002_UID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +71,14 @@ def _at(tensor: torch.Tensor, row: torch.Tensor) -> float:
     return float(tensor[(0, *row[:3].round().long().tolist())])
 
 
+def _mask_on_image(out: dict) -> MetaTensor:
+    """The coarse lung mask resampled onto the preprocessed image's 1 mm grid (no runtime stage needs this)."""
+    mask = ResampleToMatch(mode="nearest", padding_mode="zeros")(out["lung_mask"], img_dst=out["image"])
+    return mask.to(torch.uint8)
+
+
 def _check_output(out: dict) -> None:
-    image, mask = out["image"], out["lung_mask"]
+    image, mask = out["image"], _mask_on_image(out)
     assert image.dtype == torch.float32 and image.ndim == 4 and image.shape[0] == 1
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert mask.dtype == torch.uint8 and mask.shape == image.shape and 0 < int(mask.sum()) < mask.numel()
@@ -82,7 +92,7 @@ def _inside(shape, row: torch.Tensor) -> bool:
 
 def test_config_parameters():
     parser = ConfigParser()
-    parser.read_config(str(REPO / "configs" / "preprocess.json"))
+    parser.read_config(str(REPO / "configs" / "inference.json"))
     assert parser["hu_window"] == [-1000, 400] and parser["spacing_mm"] == [1, 1, 1] and parser["lung_margin_mm"] == 10
 
 
@@ -90,7 +100,7 @@ def test_chain_on_synthetic_chest(chest: Path, preprocessing):
     nodule = [list(NODULE)]
     out = preprocessing({"image": str(chest), "nodules": nodule, "excluded": [[-55.0, 0.0, 0.0, -1.0]]})
     _check_output(out)
-    image, mask = out["image"], out["lung_mask"]
+    image, mask = out["image"], _mask_on_image(out)
 
     # the crop is the lungs' box plus 10 mm (up to the ~3 mm coarse mask grid and voxel rounding)
     lung_lo = np.array([-90.0, -50.0, -70.0])
@@ -180,7 +190,7 @@ def lidc_0001(lidc_dir: Path, preprocessing) -> dict:
 
 def test_lidc_0001_nodule_inside_crop_and_lung_mask(lidc_0001: dict):
     _check_output(lidc_0001)
-    image, mask = lidc_0001["image"], lidc_0001["lung_mask"]
+    image, mask = lidc_0001["image"], _mask_on_image(lidc_0001)
     assert image.numel() < 0.6 * 512 * 512 * 133 * 0.703125**2 * 2.5  # the crop drops well over 40 % of the scan
     row = lidc_0001["nodules_voxel"][0]
     assert _inside(image.shape, row)
@@ -206,7 +216,7 @@ def test_lidc_0002_excluded_lesion_inside_crop(lidc_dir: Path, preprocessing):
     rows = out["excluded_voxel"]
     assert rows.shape == (3, 4) and float(rows[2, 3]) == -1.0
     for row in rows:
-        assert _inside(out["image"].shape, row) and _at(out["lung_mask"], row) == 1
+        assert _inside(out["image"].shape, row) and _at(_mask_on_image(out), row) == 1
     np.testing.assert_allclose(
         nodules_voxel_to_world(rows, out["image"].affine).numpy(), lesion + unknown, atol=1e-3
     )

@@ -119,7 +119,10 @@ def test_patch_dataset_puts_the_nodule_in_the_patch_at_the_bright_voxel():
 
 
 def test_patch_dataset_with_augmentation_keeps_boxes_on_the_nodule():
-    from monai.apps.detection.transforms.dictionary import RandFlipBoxd, RandRotateBox90d
+    from monai.apps.detection.transforms.dictionary import (
+        RandFlipBoxd,
+        RandRotateBox90d,
+    )
     from monai.transforms import Compose
 
     torch.manual_seed(0)

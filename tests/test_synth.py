@@ -12,7 +12,6 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from bundle.__main__ import main
-from custom_components.errors import InputError
 from bundle.synthetic import (
     generate_cohort,
     sample_diameters,
@@ -23,6 +22,7 @@ from bundle.synthetic import (
 from bundle.synthetic.anatomy import ChestAnatomy, LungField
 from bundle.synthetic.nodules import diameter_table, make_nodule, place_nodules
 from bundle.synthetic.vessels import grow_vessel_trees
+from custom_components.errors import InputError
 
 SEED = 7
 SCANS = 3

@@ -18,6 +18,7 @@ from ignite.engine import Engine
 
 from custom_components.errors import InputError
 from custom_components.luna16_tables import read_submission
+from custom_components.scan_detection import ScanDetections
 from custom_components.writers import (
     MARKUPS_SCHEMA,
     DetectionWriter,
@@ -224,16 +225,15 @@ def test_png_panels_and_no_detections(tmp_path: Path) -> None:
 def _scan(uid: str, n: int, rng: np.random.Generator, tensors: bool = False) -> dict:
     cubes = np.column_stack([rng.uniform(5, 25, (n, 3)), rng.uniform(3, 10, n)])
     scores = np.sort(rng.random(n))[::-1]
-    marks = np.column_stack([cubes[:, :3] + [-150.0, -120.0, -300.0], scores])
-    scan = {
+    # world rows of a grid that is not 1 mm: the files must take the world diameter, never the voxel cube's side
+    world = np.column_stack([cubes[:, :3] * 0.8 + [-150.0, -120.0, -300.0], cubes[:, 3] * 0.8])
+    image = rng.random((30, 30, 30)).astype(np.float32)
+    return {
         "seriesuid": uid,
         "image_path": f"/data/{uid}.mhd",
-        "marks": marks,
-        "cubes": cubes,
-        "scores": scores,
-        "image": rng.random((30, 30, 30)).astype(np.float32),
+        "detections": ScanDetections(world=world, scores=scores, cubes=cubes),
+        "image": torch.from_numpy(image) if tensors else image,
     }
-    return {k: torch.from_numpy(v.copy()) if tensors and isinstance(v, np.ndarray) else v for k, v in scan.items()}
 
 
 def test_handler_writes_every_file_of_every_scan(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -261,7 +261,8 @@ def test_handler_writes_every_file_of_every_scan(tmp_path: Path, caplog: pytest.
         assert matplotlib.image.imread(out / f"{uid}.png").shape[0] > 100
     scan = batches[0][0]
     boxes = np.array(json.loads((out / "1.2.3.json").read_text())["box"])
-    np.testing.assert_allclose(boxes[:, 3], scan["cubes"][:, 3], atol=1e-3)  # 1 mm grid: d voxels = d mm
+    np.testing.assert_allclose(boxes[:, 3], scan["detections"].world[:, 3], atol=1e-3)
+    np.testing.assert_allclose(boxes[:, :3], scan["detections"].world[:, :3], atol=1e-3)
     lines = [r.getMessage() for r in caplog.records if r.name == "nodule_detection"]
     assert len(lines) == 3 and lines[0].startswith("1.2.3: 3 detections")
 

@@ -7,7 +7,13 @@ ground-glass; free, juxta-pleural, juxta-vascular) whose diameters follow LUNA16
 See docs/synthetic_cohort.md.
 """
 
-from bundle.synthetic.cohort import SyntheticScan, generate_cohort, seriesuid, synthesize_scan, write_scan
+from bundle.synthetic.cohort import (
+    SyntheticScan,
+    generate_cohort,
+    seriesuid,
+    synthesize_scan,
+    write_scan,
+)
 from bundle.synthetic.nodules import sample_diameters, sample_nodule_count
 
 __all__ = [

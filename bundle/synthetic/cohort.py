@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from custom_components.errors import InputError
 from bundle.synthetic.anatomy import ChestAnatomy, LungField, Tube
-from bundle.synthetic.noise import SmoothField, blur_and_add_noise
 from bundle.synthetic.nodules import Nodule, place_nodules, sample_nodule_count
+from bundle.synthetic.noise import SmoothField, blur_and_add_noise
 from bundle.synthetic.raster import ScanGrid, paint_capsules, paint_spheres
 from bundle.synthetic.vessels import grow_vessel_trees
 from custom_components.atomic import atomic_write
+from custom_components.errors import InputError
 
 __all__ = ["UID_ROOT", "SyntheticScan", "seriesuid", "synthesize_scan", "write_scan", "generate_cohort"]
 
