@@ -43,6 +43,7 @@ def bench_infer(
     from monai.bundle import ConfigParser
 
     from custom_components.errors import run_chain
+    from custom_components.model_file import model_weights
     from custom_components.scan_detection import detect_scan
 
     if not Path(image).exists():
@@ -54,11 +55,9 @@ def bench_infer(
     preprocessing = parser.get_parsed_content("preprocessing")
     network = parser.get_parsed_content("network")
     if model:
-        if not Path(model).is_file():
-            raise InputError(f"{model}: model file not found")
-        network.load_state_dict(torch.load(model, map_location=dev, weights_only=True))
+        network.load_state_dict(model_weights(model))
     detector = parser.get_parsed_content("detector")
-    parser.get_parsed_content("initialize")
+    parser.get_parsed_content("detector_ops")
     parts: dict[str, list[float]] = {"preprocess_s": [], "network_and_postprocess_s": []}
     counts: list[int] = []
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and the partial files of interrupted ones."""
+"""Atomic writes, the partial files of interrupted ones, and the check that an output folder can be written."""
 
 from __future__ import annotations
 
@@ -42,3 +42,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
 def partial_writes(folder: str | os.PathLike) -> list[Path]:
     """The temporary files (``.<name>.*.tmp``) that :func:`atomic_write` calls killed mid-write left in ``folder``."""
     return sorted(Path(folder).glob(f".*{_PARTIAL_SUFFIX}"))
+
+
+def writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and check a file can be written in it, so that a run refuses at its start, not
+    after an epoch's work. Raises :class:`InputError` naming the folder, ``what`` goes there and the OS's reason."""
+    from custom_components.errors import InputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"{folder}: cannot write {what} there ({err.strerror or err})") from err
+    return folder

@@ -22,7 +22,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.apps.utils import get_logger
 
-from custom_components.atomic import atomic_write, partial_writes
+from custom_components.atomic import atomic_write, partial_writes, writable_folder
 
 logger = get_logger("nodule_detection")
 
@@ -88,15 +88,17 @@ class ResumableCheckpoint:
         self._saver: Checkpoint | None = None
 
     def attach(self, engine: Engine) -> None:
+        writable_folder(self.save_dir, "checkpoints")
         self.objects["trainer"] = engine
         if self.resume:
             engine.add_event_handler(Events.STARTED, self._restore)
         if idist.get_rank() != 0:
             return  # under torch.distributed every rank holds the same state: rank 0 alone writes it
-        engine.add_event_handler(Events.STARTED, self._attach_saver)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._attach_saver)
 
     def _attach_saver(self, engine: Engine) -> None:
-        # registered when the run starts, once every other handler is attached, so it fires last at EPOCH_COMPLETED
+        # registered when the first epoch starts, after every handler attached or registered at STARTED (metrics.csv),
+        # so it fires last at EPOCH_COMPLETED: a checkpoint never precedes what its epoch wrote
         if self._saver is not None:
             return
         self._saver = Checkpoint(

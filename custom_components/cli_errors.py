@@ -17,23 +17,10 @@ import os
 import sys
 from types import TracebackType
 
-from custom_components.errors import InputError
-
-__all__ = ["input_error_in"]
+from custom_components.errors import input_error_in
 
 _INPUT_ERROR_STATUS = 2
 _failed = False
-
-
-def input_error_in(exc: BaseException | None) -> InputError | None:
-    """The first :class:`InputError` in ``exc``'s chain of causes and contexts, or ``None``."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

@@ -16,7 +16,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.atomic import atomic_write
+from custom_components.atomic import atomic_write, writable_folder
 from custom_components.sampling import SamplingAnchors
 
 __all__ = ["MetricsCSV"]
@@ -52,7 +52,14 @@ class MetricsCSV:
         self.validation_metrics = tuple(validation_metrics)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        writable_folder(self.path.parent, "metrics.csv")
+        # registered when the run starts, after every handler of the config, so the row sees this epoch's validation
+        # and provisional testing whatever their place in the handler list
+        engine.add_event_handler(Events.STARTED, self._register)
+
+    def _register(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def row(self, engine: Engine) -> dict[str, Any]:
         """The current epoch's row."""

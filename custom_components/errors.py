@@ -29,3 +29,14 @@ def run_chain(chain: Callable[[Any], Any], data: Any) -> Any:
         if cause is None:
             raise
         raise InputError(str(cause)) from err
+
+
+def input_error_in(exc: BaseException | None) -> InputError | None:
+    """The first :class:`InputError` in ``exc``'s chain of causes and contexts, or ``None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

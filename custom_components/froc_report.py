@@ -1,5 +1,6 @@
 """Reports of a FROC evaluation (:class:`custom_components.froc.FROCResult`): a text table, JSON, the curve as CSV and
-the FROC plot as PNG, and :class:`FROCReport`, the evaluator handler that writes them. Every file is written atomically (``custom_components.atomic.atomic_write``)."""
+the FROC plot as PNG, and :class:`FROCReport`, the evaluator handler that writes them with the submission. Every file
+is written atomically (``custom_components.atomic.atomic_write``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.apps.utils import get_logger
 
-from custom_components.atomic import atomic_write
+from custom_components.atomic import atomic_write, writable_folder
 from custom_components.froc import FP_RATE_LABELS, FROCResult, froc_scores
 from custom_components.luna16_tables import write_submission
 
@@ -192,6 +193,7 @@ class FROCReport:
         self._scans: dict[str, dict[str, Any]] = {}
 
     def attach(self, engine: Engine) -> None:
+        writable_folder(self.output_dir, "the FROC report")
         engine.add_event_handler(Events.STARTED, lambda _: self._scans.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._report)

@@ -9,18 +9,20 @@ MONAI kept right through the crop, the reorientation and the resampling, maps th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Hashable, Mapping
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from monai.engines import SupervisedEvaluator
+from monai.transforms import MapTransform
 
 from custom_components.cache import PreprocessedScans
 from custom_components.detector import NoduleDetector
 from custom_components.geometry import nodules_voxel_to_world
 from custom_components.scan_files import seriesuid_of
 
-__all__ = ["ScanDetections", "detect_scan", "ScanDetection", "ScanInference"]
+__all__ = ["ScanDetections", "detect_scan", "DetectionsToWorldd", "ScanDetection", "ScanInference"]
 
 
 @dataclass
@@ -66,9 +68,37 @@ def detect_scan(
     result = detector(volume, use_inferer=use_inferer)[0]
     cubes = result[detector.cube_key].cpu().numpy().astype(np.float64).reshape(-1, 4)
     scores = result[detector.pred_score_key].cpu().numpy().astype(np.float64)
+    return ScanDetections(world=_to_world(cubes, affine), scores=scores, cubes=cubes)
+
+
+def _to_world(cubes: np.ndarray, affine: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Voxel cubes ``(N, 4)`` of the preprocessed volume -> world rows ``(x, y, z, d)`` (LPS mm) via its affine."""
     affine = np.asarray(affine, dtype=np.float64)
-    world = nodules_voxel_to_world(cubes, affine) if len(cubes) else np.zeros((0, 4))
-    return ScanDetections(world=world, scores=scores, cubes=cubes)
+    return nodules_voxel_to_world(cubes, affine) if len(cubes) else np.zeros((0, 4))
+
+
+class DetectionsToWorldd(MapTransform):
+    """``postprocessing`` of ``configs/inference.json`` for callers that run the ``detector`` themselves (MONAI
+    Label's ``BundleInferTask``): the detector's voxel cubes (``cube_key``, ``(N, 4)``) of ``data[image_key]`` become
+    ``box_key`` boxes ``(N, 6)`` in MONAI's ``cccwhd`` mode, centre in LPS world mm and the three sides the diameter in
+    mm, mapped by the same function as :func:`detect_scan`'s world rows.
+
+    Args:
+        image_key: the preprocessed image whose affine maps its voxels to LPS world mm.
+        cube_key: the detector's cubes.
+        box_key: where the world boxes go.
+    """
+
+    def __init__(self, image_key: str = "image", cube_key: str = "cube", box_key: str = "box") -> None:
+        super().__init__(keys=cube_key)
+        self.image_key, self.cube_key, self.box_key = image_key, cube_key, box_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        cubes = torch.as_tensor(d[self.cube_key]).detach().cpu().numpy().astype(np.float64).reshape(-1, 4)
+        world = _to_world(cubes, d[self.image_key].affine)
+        d[self.box_key] = torch.as_tensor(np.column_stack([world[:, :3], np.repeat(world[:, 3:], 3, axis=1)]))
+        return d
 
 
 class ScanDetection:
@@ -108,6 +138,9 @@ class ScanInference:
         {"seriesuid", "image_path", "detections": ScanDetections (world LPS mm and voxel cubes),
          "image": (I, J, K) the preprocessed volume (for the PNG)}
 
+    or, for a scan :class:`custom_components.scan_files.ScanDataset` could not preprocess, its
+    ``{"image_path", "error"}`` unchanged.
+
     Args:
         detector: the detector to run.
         use_inferer: sliding-window inference (memory-bounded) instead of one pass over the whole crop.
@@ -120,6 +153,9 @@ class ScanInference:
     def __call__(self, engine: SupervisedEvaluator, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for item in items:
+            if "error" in item:  # a scan the dataset could not preprocess: the writer reports it
+                out.append(item)
+                continue
             image = item["image"]
             path = str(image.meta.get("filename_or_obj", item.get("image_path", "")))
             found = detect_scan(self.detector, image, image.affine, engine.state.device, self.use_inferer)

@@ -1,4 +1,5 @@
-"""Finding scans on disk: image files and DICOM series folders under a path, and the identifier of each."""
+"""Finding scans on disk (image files and DICOM series folders under a path), the identifier of each, and the
+dataset that preprocesses them one by one for whole-scan inference."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from custom_components.errors import InputError
+from monai.data import Dataset
+
+from custom_components.errors import InputError, input_error_in
 from custom_components.io import IMAGE_SUFFIXES
 
-__all__ = ["list_scans", "seriesuid_of"]
+__all__ = ["list_scans", "seriesuid_of", "ScanDataset"]
 
 
 def _is_image_file(path: Path) -> bool:
@@ -66,3 +69,21 @@ def seriesuid_of(image: Any, path: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+class ScanDataset(Dataset):
+    """MONAI ``Dataset`` of scans to preprocess for inference, in which a bad scan does not stop the others.
+
+    A scan whose preprocessing raises :class:`InputError` (unreadable file, not a CT, several DICOM series, ...)
+    becomes ``{"image_path": path, "error": message}``; the writer reports it, lists it in ``failed.csv`` and makes
+    the run end non-zero once every other scan is done. Any other exception (a bug, not bad input) propagates.
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            error = input_error_in(err)
+            if error is None:
+                raise
+            return {"image_path": str(self.data[index]["image"]), "error": str(error)}

@@ -13,6 +13,7 @@ Every file is written atomically through :func:`custom_components.atomic.atomic_
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from monai.apps.utils import get_logger
 
-from custom_components.atomic import atomic_write
+from custom_components.atomic import atomic_write, writable_folder
 from custom_components.errors import InputError
 from custom_components.luna16_tables import write_submission
 
@@ -317,7 +318,9 @@ class DetectionWriter:
     PNG, which draws the preprocessed volume, takes their voxel cubes.
     For every scan it writes ``<output_dir>/<seriesuid>.csv`` (:func:`write_luna_csv`), ``.json``
     (:func:`write_detection_json`), ``.mrk.json`` (:func:`write_slicer_markups`) and ``.png``
-    (:func:`write_detection_png`), each switchable, and logs one line.
+    (:func:`write_detection_png`), each switchable, and logs one line. A scan that could not be read
+    (``{"image_path", "error"}``) is logged and listed in ``failed.csv``; the run then ends with an error naming how
+    many failed, after every other scan is written (:meth:`report_failures`).
 
     Args:
         output_dir: the folder of the files (created when missing).
@@ -340,14 +343,36 @@ class DetectionWriter:
         self.markups = markups
         self.png = png
         self.png_top = int(png_top)
+        self.failed: list[tuple[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
+        writable_folder(self.output_dir, "detections")
+        engine.add_event_handler(Events.STARTED, lambda _: self.failed.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.report_failures)
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
         for scan in [output] if isinstance(output, dict) else output:
-            self.write_scan(scan)
+            if "error" in scan:
+                self.failed.append((str(scan["image_path"]), str(scan["error"])))
+                logger.error(f"{scan['error']} (scan skipped)")
+            else:
+                self.write_scan(scan)
+
+    def report_failures(self, engine: Engine) -> None:
+        """Write ``failed.csv`` (``image,error``, one row per scan that could not be read; only the header when none
+        failed) and end the run with an :class:`InputError` when any scan failed, once every other one is written."""
+        path = self.output_dir / "failed.csv"
+        with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "error"])
+            writer.writerows(self.failed)
+        if self.failed:
+            total = engine.state.iteration
+            raise InputError(
+                f"{len(self.failed)} of {total} scans could not be read (listed in {path}); first: {self.failed[0][1]}"
+            )
 
     def write_scan(self, scan: dict[str, Any]) -> list[Path]:
         """Write the enabled files of one scan dict (see the class docstring); returns their paths."""

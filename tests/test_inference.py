@@ -139,3 +139,38 @@ def test_untrained_network_runs_on_a_real_scan_and_writes_every_output(lidc_dir,
     assert np.all(boxes[:, :3] >= lo - 1) and np.all(boxes[:, :3] <= hi + 1)
     markups = json.loads((out / f"{uid}.mrk.json").read_text())
     assert markups["markups"][0]["coordinateSystem"] == "LPS"
+
+
+def test_a_folder_with_a_bad_scan_processes_the_good_ones_and_fails_loudly(tmp_path):
+    """good, bad, good: both good scans get every output, the bad one is named in failed.csv and on stderr's last
+    line, the run exits 2 with no traceback, and a file an earlier run wrote for the bad scan is left as it was."""
+    from custom_components.network import build_network
+
+    torch.manual_seed(0)
+    torch.save(build_network("lean", prior=0.5).state_dict(), tmp_path / "model.pt")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    direction = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    for name in ("a_good", "c_good"):
+        _phantom(scans / f"{name}.mhd", (1.5, 1.5, 2.5), (-180.0, -150.0, -75.0), direction, (-32.0, 4.0, 7.5))
+    bad = scans / "b_bad.mhd"
+    bad.write_text((scans / "a_good.mhd").read_text().replace("a_good.raw", "gone.raw"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b_bad.csv").write_text("written by an earlier run\n")
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(ROOT / "configs" / "inference.json"),
+        "--input", str(scans), "--output_dir", str(out), "--load_path", str(tmp_path / "model.pt"),
+        "--network_preset", "lean", "--png_top", "1",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 3 scans could not be read") and str(bad) in last, last
+    for name in ("a_good", "c_good"):
+        for suffix in (".csv", ".json", ".mrk.json", ".png"):
+            assert (out / f"{name}{suffix}").is_file(), name + suffix
+    rows = (out / "failed.csv").read_text().splitlines()
+    assert rows[0] == "image,error" and len(rows) == 2 and rows[1].startswith(str(bad))
+    assert (out / "b_bad.csv").read_text() == "written by an earlier run\n"
