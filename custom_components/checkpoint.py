@@ -1,13 +1,16 @@
 """Checkpoints that let an interrupted training resume exactly where it stopped.
 
 MONAI's ``CheckpointSaver``/``CheckpointLoader`` take their ``save_dict`` from the config, and a config cannot put
-the trainer into a dict that the trainer's own handler list holds (a circular reference). This handler receives the
-trainer in ``attach`` instead, and saves and restores it with everything else: network, optimizer, scheduler, the
-*sampling anchors* and the anchor sampler's random state.
+the trainer into a dict that the trainer's own handler list holds (a circular reference); ``CheckpointLoader`` also
+loads with ``weights_only=True``, which refuses the sampler's random state, and takes one fixed path where a resumed
+run needs the latest of a folder. This handler receives the trainer in ``attach`` instead, and saves and restores it
+with everything else: network, optimizer, scheduler, the *sampling anchors* and the anchor sampler's random state.
+Writes go through :class:`AtomicDiskSaver` rather than Ignite's ``DiskSaver``: the file is synced before it replaces
+the old one, and a killed write leaves a recognisable temporary file that the next resume clears.
 
 A checkpoint is taken after every other end-of-epoch handler has run, whatever the order of the config's handler
 list, so that the checkpoint of a round's last epoch already holds the next round's sampling anchors (from
-provisional testing) and the scheduler's step.
+provisional testing), the scheduler's step and the epoch's ``metrics.csv`` row.
 """
 
 from __future__ import annotations
