@@ -23,7 +23,7 @@ from tqdm import tqdm
 from custom_components.errors import InputError
 from custom_components.synth.anatomy import HU, ChestAnatomy, LungField, Tube
 from custom_components.synth.imaging import Scanner, add_bone_streaks, cardiac_blur, reconstruct
-from custom_components.synth.mimics import EMPHYSEMA_HU, Mimics, draw_mimics
+from custom_components.synth.mimics import BULLA_WALL_HU, BULLA_WALL_MM, EMPHYSEMA_HU, Mimics, draw_mimics
 from custom_components.synth.noise import SmoothField
 from custom_components.synth.nodules import Nodule, place_nodules, sample_nodule_count
 from custom_components.synth.raster import ScanGrid, paint_capsules, paint_spheres
@@ -108,7 +108,9 @@ def synthesize_scan(seed: int, index: int, full_size: bool = False) -> Synthetic
             paint_capsules(volume, grid, np.array(tube.start), np.array(tube.end), radius, radius, tube.hu)
 
     paint_tubes(anatomy.tubes)
-    holes = mimics.holes
+    holes, bullae = mimics.holes, mimics.holes[len(mimics.holes) - mimics.bullae :]
+    walls = bullae[:, 3] + BULLA_WALL_MM
+    paint_capsules(volume, grid, bullae[:, :3], bullae[:, :3], walls, walls, BULLA_WALL_HU)
     paint_capsules(volume, grid, holes[:, :3], holes[:, :3], holes[:, 3], holes[:, 3], EMPHYSEMA_HU)
     paint_capsules(volume, grid, vessels[:, :3], vessels[:, 3:6], vessels[:, 6], vessels[:, 7], HU["blood"])
     # Airways over the vessels: the independently grown trees may cross, and an airway is never filled by a vessel.

@@ -8,8 +8,8 @@
 - **Scars**: irregular strands (chains of thin capsules, 0.4-1.2 mm radius), often reaching the pleura.
 - **Atelectasis bands** (plate-like atelectasis): thin plates 10-35 mm long in the lower lungs, running in from the
   pleura; a ribbon of parallel capsules, seen on an axial slice as a dense line.
-- **Emphysema**: clusters of low-density holes (about -1000 HU, no walls): centrilobular (1-5 mm, upper lungs) and
-  paraseptal bullae (3-8 mm, under the pleura).
+- **Emphysema**: clusters of low-density holes (about -1000 HU): centrilobular (1-5 mm, upper lungs, no walls) and
+  paraseptal bullae (3-8 mm, under the pleura, in a 0.5 mm wall).
 
 All are placed clear of the nodules and excluded findings (by the sum of radii plus 3 mm).
 """
@@ -23,10 +23,11 @@ import numpy as np
 from custom_components.synth.anatomy import ChestAnatomy, LungField
 from custom_components.synth.nodules import Nodule
 
-__all__ = ["Mimics", "draw_mimics", "GRANULOMA_MAX_MM"]
+__all__ = ["Mimics", "draw_mimics", "GRANULOMA_MAX_MM", "EMPHYSEMA_HU", "BULLA_WALL_MM", "BULLA_WALL_HU"]
 
 GRANULOMA_MAX_MM = 2.8  # under LUNA16's 3 mm nodule threshold (see the module docstring)
 EMPHYSEMA_HU = -1000.0
+BULLA_WALL_MM, BULLA_WALL_HU = 0.5, -100.0  # the thin wall of a paraseptal bulla
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,14 @@ class Mimics:
     """Non-nodule findings of one scan (world LPS mm).
 
     ``granulomas`` ``(g, 5)``: centre, radius (mm), HU. ``strands`` ``(s, 9)``: capsules (start, end, start and end
-    radius) of scars and atelectasis bands with their HU. ``holes`` ``(h, 4)``: emphysema holes, centre and radius.
+    radius) of scars and atelectasis bands with their HU. ``holes`` ``(h, 4)``: emphysema holes, centre and radius;
+    the last ``bullae`` of them are paraseptal bullae, which have a thin wall.
     """
 
     granulomas: np.ndarray
     strands: np.ndarray
     holes: np.ndarray
+    bullae: int
 
 
 def _clear(points: np.ndarray, radii: np.ndarray, findings: list[Nodule]) -> np.ndarray:
@@ -102,20 +105,25 @@ def _strands(rng: np.random.Generator, lungs: LungField, anatomy: ChestAnatomy, 
     return strands
 
 
-def _holes(rng: np.random.Generator, lungs: LungField, anatomy: ChestAnatomy, avoid: list[Nodule]) -> np.ndarray:
-    """Emphysema holes ``(h, 4)`` in 30 % of scans: centrilobular (upper lungs) and, in some, paraseptal bullae."""
+def _holes(
+    rng: np.random.Generator, lungs: LungField, anatomy: ChestAnatomy, avoid: list[Nodule]
+) -> tuple[np.ndarray, int]:
+    """Emphysema holes ``(h, 4)`` in 30 % of scans, centrilobular (upper lungs) first and, in some, paraseptal bullae
+    last; and the number of bullae."""
     if rng.uniform() >= 0.3:
-        return np.zeros((0, 4))
+        return np.zeros((0, 4)), 0
     litres = np.count_nonzero(lungs.depth) * lungs.spacing**3 / 1e6
     count = int(litres * rng.uniform(150.0, 700.0))
     centres = _upper_weighted(rng, lungs.sample(rng, 2.0 + lungs.spacing, np.inf, size=3 * count), anatomy, 1.5)
     radii = np.clip(rng.lognormal(np.log(1.6), 0.45, size=len(centres)), 0.8, 5.0)
-    holes = [np.column_stack([centres, radii])]
+    holes = np.column_stack([centres, radii])
+    holes = holes[_clear(holes[:, :3], holes[:, 3], avoid)]
+    bullae = np.zeros((0, 4))
     if rng.uniform() < 0.4:
-        bullae = _upper_weighted(rng, lungs.sample(rng, lungs.spacing, lungs.spacing + 4.0, size=60), anatomy, 2.0)
-        holes.append(np.column_stack([bullae, rng.uniform(3.0, 8.0, size=len(bullae))]))
-    holes = np.concatenate(holes)
-    return holes[_clear(holes[:, :3], holes[:, 3], avoid)]
+        centres = _upper_weighted(rng, lungs.sample(rng, lungs.spacing, lungs.spacing + 4.0, size=30), anatomy, 2.0)
+        bullae = np.column_stack([centres, rng.uniform(3.0, 8.0, size=len(centres))])
+        bullae = bullae[_clear(bullae[:, :3], bullae[:, 3] + BULLA_WALL_MM, avoid)]
+    return np.concatenate([holes, bullae]), len(bullae)
 
 
 def _granulomas(rng: np.random.Generator, lungs: LungField, avoid: list[Nodule]) -> np.ndarray:
@@ -132,8 +140,7 @@ def _granulomas(rng: np.random.Generator, lungs: LungField, avoid: list[Nodule])
 
 def draw_mimics(rng: np.random.Generator, anatomy: ChestAnatomy, lungs: LungField, avoid: list[Nodule]) -> Mimics:
     """Draw the non-nodule findings of one scan, clear of the nodules and excluded findings in ``avoid``."""
-    return Mimics(
-        granulomas=_granulomas(rng, lungs, avoid),
-        strands=_strands(rng, lungs, anatomy, avoid),
-        holes=_holes(rng, lungs, anatomy, avoid),
-    )
+    granulomas = _granulomas(rng, lungs, avoid)
+    strands = _strands(rng, lungs, anatomy, avoid)
+    holes, bullae = _holes(rng, lungs, anatomy, avoid)
+    return Mimics(granulomas=granulomas, strands=strands, holes=holes, bullae=bullae)

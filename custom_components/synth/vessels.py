@@ -6,8 +6,8 @@ optimisation): the lung is represented by points drawn uniformly in it, each the
 branch runs from its parent's end part of the way towards the centroid of its territory, where it splits in two; the
 territory is cut by a random plane along the branch at a random quantile (10-50 %, so most bifurcations are
 asymmetric: a trunk that runs on with a side branch, as in real lungs) and each child takes one part. Radii follow Murray's law with flow proportional to territory size
-(``r_child = r_parent * share ** (1/3)``), so they taper continuously from 5-8 mm at the hilum (the large, dense hilar
-vessels) to 0.3 mm (0.6 mm across) at the periphery, and the two trees fill the lungs evenly and interleave, as
+(``r_child = r_parent * share ** (1/3)``), so they taper continuously from 6-8.5 mm at an adult hilum (the large,
+dense hilar vessels; scaled with the lung's linear size in small chests) to 0.3-0.5 mm at the periphery, and the two trees fill the lungs evenly and interleave, as
 arteries and veins do. Branches are slightly curved (two capsules each); every child starts exactly where its parent
 ends, at no more than the parent's end radius, so a tree is one continuous tube with smooth joints.
 
@@ -38,6 +38,7 @@ AIRWAY_MIN_ARTERY_MM = 0.8  # arteries thinner than this have no visible airway 
 AIRWAY_GAP_MM = 0.2  # between the artery's wall and the airway's
 TERMINALS_PER_LITRE = 4000  # terminal branches per tree and litre of lung: sets the density of the vessel network
 MAX_TERMINALS = 8000  # per tree (adult lungs): bounds the rendering time; terminals stay under 0.5 mm radius
+ADULT_LUNG_LITRES = 2.5  # one adult lung at CT inspiration; its hilar artery is 6.5-8.5 mm in radius
 STRAIGHT_BELOW_MM = 0.7  # branches thinner than this are drawn as one straight capsule (their bend is invisible)
 
 
@@ -221,21 +222,22 @@ def grow_vessel_trees(
     Returns:
         the trees; vessel capsules are in ``vessels`` (arteries then veins).
     """
-    s = anatomy.scale  # calibres scale with the chest, so a small chest is a scaled-down adult one
     roots, radii, territories, artery = [], [], [], []
     for hilum, side in zip(anatomy.hilum, (-1.0, 1.0)):
+        x = lungs.first[0] + lungs.spacing * np.arange(lungs.depth.shape[2])
+        litres = np.count_nonzero(lungs.depth[:, :, side * (x - anatomy.cx) > 0]) * lungs.spacing**3 / 1e6
         if terminals_per_lung is None:
-            x = lungs.first[0] + lungs.spacing * np.arange(lungs.depth.shape[2])
-            litres = np.count_nonzero(lungs.depth[:, :, side * (x - anatomy.cx) > 0]) * lungs.spacing**3 / 1e6
             count = int(np.clip(TERMINALS_PER_LITRE * litres, 50, MAX_TERMINALS))
         else:
             count = terminals_per_lung
+        # Calibres scale with the lung's linear size, so a small lung is a scaled-down adult one.
+        s = (max(litres, 0.05) / ADULT_LUNG_LITRES) ** (1 / 3)
         points = lungs.sample(rng, 1.0 + lungs.spacing, np.inf, size=12 * count)
         points = points[side * (points[:, 0] - anatomy.cx) > 0]
         vein_root = np.add(hilum, (-side * 4.0 * anatomy.scale, 12.0 * anatomy.scale, -22.0 * anatomy.scale))
         for root, radius, is_artery, part in (
-            (np.asarray(hilum), rng.uniform(5.0, 6.5) * s, True, points[:count]),
-            (vein_root, rng.uniform(4.5, 6.0) * s, False, points[count : 2 * count]),
+            (np.asarray(hilum), rng.uniform(6.5, 8.5) * s, True, points[:count]),
+            (vein_root, rng.uniform(6.0, 7.5) * s, False, points[count : 2 * count]),
         ):
             roots.append(root)
             radii.append(radius)
