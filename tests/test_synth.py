@@ -296,7 +296,8 @@ def test_airways_are_air_in_a_wall_beside_their_artery() -> None:
             e1 /= np.linalg.norm(e1)
             e2 = np.cross(axis, e1)
             angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-            ring = middle[r] + 0.5 * (lumen[r] + outer[r]) * (np.cos(angles)[:, None] * e1 + np.sin(angles)[:, None] * e2)
+            around = np.cos(angles)[:, None] * e1 + np.sin(angles)[:, None] * e2
+            ring = middle[r] + 0.5 * (lumen[r] + outer[r]) * around
             inside.append(world_hu(s, middle[r])[0])
             wall.append(world_hu(s, ring).mean())
         inside, wall = np.array(inside), np.array(wall)
@@ -379,7 +380,7 @@ def test_calcified_granulomas_are_dense_small_and_in_no_annotation_file(cohort: 
 
 
 def test_hard_negatives_all_occur_inside_the_lungs_clear_of_nodules() -> None:
-    seen = {"granulomas": 0, "strands": 0, "holes": 0}
+    seen = {"granulomas": 0, "strands": 0, "plaques": 0, "holes": 0}
     for seed in range(16):
         rng = np.random.default_rng(seed)
         anatomy = ChestAnatomy.draw(rng, full_size=False)
@@ -390,12 +391,16 @@ def test_hard_negatives_all_occur_inside_the_lungs_clear_of_nodules() -> None:
         for name, points, radii in (
             ("granulomas", mimics.granulomas[:, :3], mimics.granulomas[:, 3]),
             ("strands", 0.5 * (mimics.strands[:, :3] + mimics.strands[:, 3:6]), mimics.strands[:, 6]),
+            ("plaques", 0.5 * (mimics.plaques[:, :3] + mimics.plaques[:, 3:6]), mimics.plaques[:, 6]),
             ("holes", mimics.holes[:, :3], mimics.holes[:, 3]),
         ):
             seen[name] += len(points)
             if not len(points):
                 continue
-            assert np.mean(lungs.depth_at(points) > 0) > 0.95, name
+            if name == "plaques":  # on the pleura, half in the chest wall
+                assert np.all(lungs.depth_at(points) < 3.0)
+            else:
+                assert np.all(lungs.depth_at(points) > 0), name
             for n in nodules + tiny:
                 assert np.all(np.linalg.norm(points - n.centre, axis=1) > 0.5 * n.diameter), name
         assert np.all(mimics.strands[:, 8] < 100) and np.all(mimics.strands[:, 8] > -200)  # soft tissue, not bone

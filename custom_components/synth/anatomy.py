@@ -68,7 +68,7 @@ class Fissure:
     gx: float
     gy: float
     curvature: float
-    minor: bool
+    minor: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,12 +252,13 @@ class ChestAnatomy:
         padded = rng.uniform() < 0.7
         # Major fissures run from high at the back to low at the front (45-60 degrees), the right minor fissure is a
         # shallow dome in front of the right major one at about the fourth rib.
-        fissures = tuple(
-            Fissure(side, z_base + u(0.4, 0.5) * lung_height, cy + 0.05 * b, u(0.4, 0.9), u(1.0, 1.6), u(0.002, 0.008) / s,
-                    False)
+        major = [
+            Fissure(side, z_base + u(0.4, 0.5) * lung_height, cy + 0.05 * b, u(0.4, 0.9), u(1, 1.6), u(2, 8) / s / 1e3)
             for side in (-1.0, 1.0)
-        ) + (Fissure(-1.0, z_base + u(0.52, 0.62) * lung_height, cy - 0.2 * b, u(-0.1, 0.1), u(-0.05, 0.15),
-                     u(0.004, 0.012) / s, True),)
+        ]
+        minor = Fissure(-1.0, z_base + u(0.52, 0.62) * lung_height, cy - 0.2 * b, u(-0.1, 0.1), u(-0.05, 0.15),
+                        u(4, 12) * 1e-3 / s, minor=True)  # fmt: skip
+        fissures = (*major, minor)
         band = (u(60.0, 250.0), u(2.0, 6.0)) if rng.uniform() < 0.4 else (0.0, 1.0)
         return cls(
             grid=grid,
@@ -495,8 +496,8 @@ class ChestAnatomy:
 
 
 def _sheet_share(distance: np.ndarray, half: float, extent: np.ndarray) -> np.ndarray:
-    """Share of a voxel of ``extent`` mm (along the sheet's normal) centred ``distance`` mm from a sheet of half-thickness
-    ``half`` mm that the sheet fills: its box profile filtered by the voxel's box."""
+    """Share of a voxel of ``extent`` mm (along the sheet's normal), centred ``distance`` mm from a sheet of
+    half-thickness ``half`` mm, that the sheet fills: its box profile filtered by the voxel's box."""
     lo = np.maximum(distance - 0.5 * extent, -half)
     hi = np.minimum(distance + 0.5 * extent, half)
     return np.clip((hi - lo) / extent, 0.0, 1.0)

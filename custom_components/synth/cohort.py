@@ -22,10 +22,21 @@ from tqdm import tqdm
 
 from custom_components.errors import InputError
 from custom_components.synth.anatomy import HU, ChestAnatomy, LungField, Tube
-from custom_components.synth.imaging import Scanner, add_bone_streaks, cardiac_blur, reconstruct
-from custom_components.synth.mimics import BULLA_WALL_HU, BULLA_WALL_MM, EMPHYSEMA_HU, Mimics, draw_mimics
-from custom_components.synth.noise import SmoothField
+from custom_components.synth.imaging import (
+    Scanner,
+    add_bone_streaks,
+    cardiac_blur,
+    reconstruct,
+)
+from custom_components.synth.mimics import (
+    BULLA_WALL_HU,
+    BULLA_WALL_MM,
+    EMPHYSEMA_HU,
+    Mimics,
+    draw_mimics,
+)
 from custom_components.synth.nodules import Nodule, place_nodules, sample_nodule_count
+from custom_components.synth.noise import SmoothField
 from custom_components.synth.raster import ScanGrid, paint_capsules, paint_spheres
 from custom_components.synth.vessels import VesselTrees, grow_vessel_trees
 from custom_components.utils import atomic_write
@@ -118,7 +129,7 @@ def synthesize_scan(seed: int, index: int, full_size: bool = False) -> Synthetic
     paint_capsules(volume, grid, airways[:, :3], airways[:, 3:6], airways[:, 6], airways[:, 7], rng.uniform(-30, 40))
     paint_capsules(volume, grid, airways[:, :3], airways[:, 3:6], airways[:, 8], airways[:, 9], HU["air"])
     paint_tubes(anatomy.airway_lumen)
-    strands = mimics.strands
+    strands = np.concatenate([mimics.strands, mimics.plaques])
     for hu in np.unique(strands[:, 8]):
         row = strands[strands[:, 8] == hu]
         paint_capsules(volume, grid, row[:, :3], row[:, 3:6], row[:, 6], row[:, 7], float(hu))

@@ -103,7 +103,9 @@ def _frequencies(rows: int, cols: int, spacing_mm: float, full: bool = False) ->
     return np.hypot(fy, fx)
 
 
-def reconstruct(volume: np.ndarray, grid: ScanGrid, scanner: Scanner, rng: np.random.Generator, chunk: int = 16) -> None:
+def reconstruct(
+    volume: np.ndarray, grid: ScanGrid, scanner: Scanner, rng: np.random.Generator, chunk: int = 16
+) -> None:
     """Filter ``volume`` ``(K, J, I)`` (HU) with the kernel and add noise of the kernel's NPS, in place.
 
     Each slice is edge-padded to a size the FFT factors well (the grids' sizes may be prime) and filtered by the MTF;
@@ -116,8 +118,9 @@ def reconstruct(volume: np.ndarray, grid: ScanGrid, scanner: Scanner, rng: np.ra
     rows, cols = fft.next_fast_len(n_j, real=True), fft.next_fast_len(n_i, real=True)
     f = _frequencies(rows, cols, grid.spacing[0])
     mtf = kernel_mtf(f, scanner.psf_mm, scanner.edge_gain).astype(np.float32)
-    variance = np.mean(noise_spectrum(_frequencies(rows, cols, grid.spacing[0], full=True), scanner.psf_mm,
-                                      scanner.edge_gain))
+    variance = np.mean(
+        noise_spectrum(_frequencies(rows, cols, grid.spacing[0], full=True), scanner.psf_mm, scanner.edge_gain)
+    )
     # irfft2 divides by rows * cols; a unit white field's coefficients have E|X|^2 = rows * cols.
     amplitude = np.sqrt(noise_spectrum(f, scanner.psf_mm, scanner.edge_gain) / variance * rows * cols / 2.0)
     amplitude = (scanner.noise_hu * amplitude).astype(np.float32)
@@ -182,7 +185,9 @@ def radial_nps(noise: np.ndarray, spacing_mm: float, bins: int = 32) -> tuple[np
     Returns ``(frequency, power)``: bin centres (cycles/mm, up to Nyquist) and the mean ``|FFT|**2`` in each bin.
     """
     power = np.mean(np.abs(np.fft.rfft2(noise - noise.mean(axis=(1, 2), keepdims=True))) ** 2, axis=0)
-    f = np.hypot(np.fft.fftfreq(noise.shape[1], d=spacing_mm)[:, None], np.fft.rfftfreq(noise.shape[2], d=spacing_mm)[None, :])
+    f = np.hypot(
+        np.fft.fftfreq(noise.shape[1], d=spacing_mm)[:, None], np.fft.rfftfreq(noise.shape[2], d=spacing_mm)[None, :]
+    )
     edges = np.linspace(0.0, 0.5 / spacing_mm, bins + 1)
     which = np.digitize(f.ravel(), edges) - 1
     keep = (which >= 0) & (which < bins)

@@ -8,6 +8,9 @@
 - **Scars**: irregular strands (chains of thin capsules, 0.4-1.2 mm radius), often reaching the pleura.
 - **Atelectasis bands** (plate-like atelectasis): thin plates 10-35 mm long in the lower lungs, running in from the
   pleura; a ribbon of parallel capsules, seen on an axial slice as a dense line.
+- **Pleural plaques**: flat lens-like thickenings of the costal pleura (6-15 mm long, 3-10 mm high, 1.6-3 mm
+  thick; soft tissue, a fifth calcified at 300-600 HU), half in the chest wall and half in the lung: a juxta-pleural
+  nodule's flat look-alike.
 - **Emphysema**: clusters of low-density holes (about -1000 HU): centrilobular (1-5 mm, upper lungs, no walls) and
   paraseptal bullae (3-8 mm, under the pleura, in a 0.5 mm wall).
 
@@ -35,12 +38,13 @@ class Mimics:
     """Non-nodule findings of one scan (world LPS mm).
 
     ``granulomas`` ``(g, 5)``: centre, radius (mm), HU. ``strands`` ``(s, 9)``: capsules (start, end, start and end
-    radius) of scars and atelectasis bands with their HU. ``holes`` ``(h, 4)``: emphysema holes, centre and radius;
+    radius) of scars and atelectasis bands with their HU; ``plaques`` the same for pleural plaques. ``holes`` ``(h, 4)``: emphysema holes, centre and radius;
     the last ``bullae`` of them are paraseptal bullae, which have a thin wall.
     """
 
     granulomas: np.ndarray
     strands: np.ndarray
+    plaques: np.ndarray
     holes: np.ndarray
     bullae: int
 
@@ -105,6 +109,36 @@ def _strands(rng: np.random.Generator, lungs: LungField, anatomy: ChestAnatomy, 
     return strands
 
 
+def _plaques(rng: np.random.Generator, lungs: LungField, anatomy: ChestAnatomy, avoid: list[Nodule]) -> np.ndarray:
+    """Pleural plaques in 30 % of scans, 1-3, as capsules ``(p, 9)``: ribbons along the costal pleura."""
+    rows = []
+    margin = lungs.spacing
+    for _ in range(int(rng.uniform() < 0.3) * int(rng.integers(1, 4))):  # pleural plaques on the costal pleura
+        point = lungs.sample(rng, margin, margin + 1.5)
+        if point is None:
+            break
+        # The outward normal of the pleura, from the lungs' depth map (depth grows inwards).
+        steps = np.eye(3) * lungs.spacing
+        gradient = lungs.depth_at(point + steps) - lungs.depth_at(point - steps)
+        if np.linalg.norm(gradient) == 0 or abs(gradient[2]) > 0.5 * np.linalg.norm(gradient):
+            continue  # not the costal pleura (apex, diaphragm)
+        outward = -gradient / np.linalg.norm(gradient)
+        along = np.cross(outward, [0.0, 0.0, 1.0])
+        along /= np.linalg.norm(along)
+        up = np.cross(along, outward)
+        centre = point + outward * float(lungs.depth_at(point)[0])  # on the pleura: half in the wall, half in the lung
+        length, height = rng.uniform(6.0, 15.0), rng.uniform(3.0, 10.0)
+        radius = rng.uniform(0.8, 1.5)
+        hu = rng.uniform(300.0, 600.0) if rng.uniform() < 0.2 else rng.uniform(20.0, 60.0)  # some calcified
+        for offset in np.arange(-0.5 * height, 0.5 * height + 1e-6, radius):
+            a = centre + offset * up - 0.5 * length * along
+            rows.append([*a, *(a + length * along), radius, radius, hu])
+    plaques = np.array(rows).reshape(-1, 9)
+    middle = 0.5 * (plaques[:, :3] + plaques[:, 3:6])
+    half = 0.5 * np.linalg.norm(plaques[:, 3:6] - plaques[:, :3], axis=1)
+    return plaques[_clear(middle, half + plaques[:, 6], avoid)]
+
+
 def _holes(
     rng: np.random.Generator, lungs: LungField, anatomy: ChestAnatomy, avoid: list[Nodule]
 ) -> tuple[np.ndarray, int]:
@@ -142,5 +176,6 @@ def draw_mimics(rng: np.random.Generator, anatomy: ChestAnatomy, lungs: LungFiel
     """Draw the non-nodule findings of one scan, clear of the nodules and excluded findings in ``avoid``."""
     granulomas = _granulomas(rng, lungs, avoid)
     strands = _strands(rng, lungs, anatomy, avoid)
+    plaques = _plaques(rng, lungs, anatomy, avoid)
     holes, bullae = _holes(rng, lungs, anatomy, avoid)
-    return Mimics(granulomas=granulomas, strands=strands, holes=holes, bullae=bullae)
+    return Mimics(granulomas=granulomas, strands=strands, plaques=plaques, holes=holes, bullae=bullae)

@@ -5,11 +5,13 @@ veins enter the left atrium), built by recursive territory splitting (a simple f
 optimisation): the lung is represented by points drawn uniformly in it, each the territory of one terminal vessel. A
 branch runs from its parent's end part of the way towards the centroid of its territory, where it splits in two; the
 territory is cut by a random plane along the branch at a random quantile (10-50 %, so most bifurcations are
-asymmetric: a trunk that runs on with a side branch, as in real lungs) and each child takes one part. Radii follow Murray's law with flow proportional to territory size
-(``r_child = r_parent * share ** (1/3)``), so they taper continuously from 6-8.5 mm at an adult hilum (the large,
-dense hilar vessels; scaled with the lung's linear size in small chests) to 0.3-0.5 mm at the periphery, and the two trees fill the lungs evenly and interleave, as
-arteries and veins do. Branches are slightly curved (two capsules each); every child starts exactly where its parent
-ends, at no more than the parent's end radius, so a tree is one continuous tube with smooth joints.
+asymmetric: a trunk that runs on with a side branch, as in real lungs) and each child takes one part. Radii follow
+Murray's law with flow proportional to territory size (``r_child = r_parent * share ** (1/3)``), so they taper
+continuously from 6-8.5 mm at an adult hilum (the large, dense hilar vessels; scaled with the lung's linear size in
+small chests) to 0.3-0.5 mm at the periphery, and the two trees fill the lungs evenly and interleave, as arteries and
+veins do. Branches of 0.7 mm and more are slightly curved (two capsules), thinner ones straight; every child starts
+exactly where its parent ends, at no more than the parent's end radius, so a tree is one continuous tube with smooth
+joints.
 
 Airways (bronchi and bronchioles) accompany the arteries: a tube of about the artery's calibre (broncho-arterial
 ratio 0.8-1.05), an air lumen inside a soft-tissue wall of a quarter of its radius (at least 0.3 mm), running beside
@@ -131,17 +133,16 @@ def _grow(roots: np.ndarray, root_radii: np.ndarray, territories: list[np.ndarra
     return _Branches(*(np.concatenate(parts) for parts in zip(*out)))
 
 
-def _curve(b: _Branches, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Midpoints displaced sideways by up to 10 % of each branch's length (``(b, 3)``) and their unit side vectors."""
+def _curve(b: _Branches, rng: np.random.Generator) -> np.ndarray:
+    """Midpoints ``(b, 3)`` of the branches, displaced sideways by up to 10 % of each branch's length."""
     axis = b.end - b.start
     length = np.linalg.norm(axis, axis=1, keepdims=True)
     side = _perpendicular(_unit(axis), rng.standard_normal((len(axis), 3)))
-    middle = 0.5 * (b.start + b.end) + rng.uniform(0.0, 0.1, size=(len(axis), 1)) * length * side
-    return middle, side
+    return 0.5 * (b.start + b.end) + rng.uniform(0.0, 0.1, size=(len(axis), 1)) * length * side
 
 
 def _capsules(start: np.ndarray, middle: np.ndarray, end: np.ndarray, *radii: tuple[np.ndarray, np.ndarray]):
-    """Two capsules per branch ``start -> middle -> end``; each ``(r0, r1)`` pair of radii is interpolated at the middle.
+    """Two capsules per branch ``start -> middle -> end``, each ``(r0, r1)`` pair of radii interpolated at the middle.
 
     Returns ``(2b, 6 + 2 * len(radii))`` rows: start, end, then for each pair the radius at the capsule's two ends;
     the first halves of all branches, then the second halves.
@@ -189,8 +190,10 @@ def _airways(
         p = arteries.parent[row]
         inherited = side[p] if p >= 0 and has[p] else draws[row]
         side[row] = _perpendicular(direction[row : row + 1], inherited[None])[0]
-        start[row] = end[p] if p >= 0 and has[p] else arteries.start[row] + side[row] * (
-            arteries.r0[row] + outer0[row] + AIRWAY_GAP_MM
+        start[row] = (
+            end[p]
+            if p >= 0 and has[p]
+            else arteries.start[row] + side[row] * (arteries.r0[row] + outer0[row] + AIRWAY_GAP_MM)
         )
         end[row] = arteries.end[row] + side[row] * gap1[row]
     rows = np.flatnonzero(has)
@@ -250,8 +253,8 @@ def grow_vessel_trees(
         tree_roots, tree_radii = np.array([roots[i] for i in pick]), np.array([radii[i] for i in pick])
         grown.append(_grow(tree_roots, tree_radii, [territories[i] for i in pick], rng))
     arteries, veins = grown
-    a_mid, _ = _curve(arteries, rng)
-    v_mid, _ = _curve(veins, rng)
+    a_mid = _curve(arteries, rng)
+    v_mid = _curve(veins, rng)
     a_caps = _vessel_capsules(arteries, a_mid)
     v_caps = _vessel_capsules(veins, v_mid)
     airways, halves = _airways(arteries, a_mid, lungs, rng)
