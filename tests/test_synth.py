@@ -21,7 +21,7 @@ from custom_components.synth import (
     write_scan,
 )
 from custom_components.synth.anatomy import ChestAnatomy, LungField
-from custom_components.synth.imaging import Scanner, radial_nps, reconstruct
+from custom_components.synth.imaging import Scanner, add_bone_streaks, cardiac_blur, radial_nps, reconstruct
 from custom_components.synth.mimics import GRANULOMA_MAX_MM, draw_mimics
 from custom_components.synth.nodules import diameter_table, make_nodule, place_nodules
 from custom_components.synth.raster import ScanGrid, paint_spheres
@@ -431,3 +431,29 @@ def test_fissures_are_thin_sheets_and_the_dependent_lung_is_denser() -> None:
     back = without[lung][rows > np.quantile(rows, 0.75)]  # rows grow towards the back (LPS y)
     front = without[lung][rows < np.quantile(rows, 0.25)]
     assert back.mean() > front.mean() + 10
+
+
+def test_cardiac_motion_blurs_only_near_the_heart_and_streaks_are_mild() -> None:
+    anatomy = ChestAnatomy.draw(np.random.default_rng(4), full_size=False)
+    plane = anatomy.plane()
+    weight = anatomy.heart_motion(plane, anatomy.heart_centre[2])
+    assert anatomy.heart_motion(plane, anatomy.heart_centre[2] + 1.01 * anatomy.heart_axes[2]) is None
+    hx, hy = anatomy.heart_centre[0] - anatomy.cx, anatomy.heart_centre[1] - anatomy.cy
+    centre = np.unravel_index(np.argmin((plane.dx - hx) ** 2 + (plane.dy - hy) ** 2), weight.shape)
+    assert weight[centre] >= 0.6 and weight.max() == pytest.approx(1.0)  # in the heart; full on its left side
+    far = np.hypot(plane.dx - hx, plane.dy - hy) > max(anatomy.heart_axes[:2]) + 16.0
+    assert np.all(weight[far] == 0)
+    # A vertical step edge: smeared where the weight is 1, untouched where it is 0.
+    edge = np.where(np.arange(64)[None, :] < 32, -900.0, 40.0) * np.ones((64, 1), dtype=np.float32)
+    blurred = edge.copy()
+    w = np.zeros_like(edge)
+    w[:32] = 1.0
+    cardiac_blur(blurred, w, 2.0)
+    assert np.abs(np.diff(blurred[10])).max() < 0.5 * 940 and np.array_equal(blurred[50], edge[50])
+
+    grid = ScanGrid((128, 128, 30), (0.8, 0.8, 2.0), (-51.2, -51.2, 0.0))
+    streaks = np.zeros(grid.shape, dtype=np.float32)
+    add_bone_streaks(streaks, grid, (0.0, 0.0), 10.0, np.random.default_rng(0))
+    assert 0 < np.abs(streaks).max() <= 6 * 10.0  # at most all six lines of a key frame crossing
+    assert np.mean(np.abs(streaks) > 5.0) < 0.1  # thin lines, not a haze
+    assert np.abs(np.corrcoef(streaks[10].ravel(), streaks[11].ravel())[0, 1]) > 0.8  # slowly changing along z

@@ -41,6 +41,7 @@ AIRWAY_GAP_MM = 0.2  # between the artery's wall and the airway's
 TERMINALS_PER_LITRE = 4000  # terminal branches per tree and litre of lung: sets the density of the vessel network
 MAX_TERMINALS = 8000  # per tree (adult lungs): bounds the rendering time; terminals stay under 0.5 mm radius
 ADULT_LUNG_LITRES = 2.5  # one adult lung at CT inspiration; its hilar artery is 6.5-8.5 mm in radius
+SUBPLEURAL_MM = 3.0  # no terminal closer to the pleura than this
 STRAIGHT_BELOW_MM = 0.7  # branches thinner than this are drawn as one straight capsule (their bend is invisible)
 
 
@@ -217,7 +218,7 @@ def grow_vessel_trees(
 
     Args:
         anatomy: the chest; artery trees start at the hila, vein trees lower and further back.
-        lungs: the lungs, in which the terminal territories are drawn (deeper than 1 mm).
+        lungs: the lungs, in which the terminal territories are drawn (deeper than ``SUBPLEURAL_MM``).
         rng: random generator of this scan.
         terminals_per_lung: terminal branches of each tree; by default ``TERMINALS_PER_LITRE`` per litre of that lung,
             so small and adult chests have the same density of vessels. A tree has ``4 * terminals - 2`` capsules.
@@ -235,7 +236,8 @@ def grow_vessel_trees(
             count = terminals_per_lung
         # Calibres scale with the lung's linear size, so a small lung is a scaled-down adult one.
         s = (max(litres, 0.05) / ADULT_LUNG_LITRES) ** (1 / 3)
-        points = lungs.sample(rng, 1.0 + lungs.spacing, np.inf, size=12 * count)
+        # Terminals at least 3 mm inside the pleura: real vessels thin out under it, the subpleural lung is sparse.
+        points = lungs.sample(rng, SUBPLEURAL_MM + lungs.spacing, np.inf, size=12 * count)
         points = points[side * (points[:, 0] - anatomy.cx) > 0]
         vein_root = np.add(hilum, (-side * 4.0 * anatomy.scale, 12.0 * anatomy.scale, -22.0 * anatomy.scale))
         for root, radius, is_artery, part in (
