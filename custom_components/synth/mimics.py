@@ -38,8 +38,9 @@ class Mimics:
     """Non-nodule findings of one scan (world LPS mm).
 
     ``granulomas`` ``(g, 5)``: centre, radius (mm), HU. ``strands`` ``(s, 9)``: capsules (start, end, start and end
-    radius) of scars and atelectasis bands with their HU; ``plaques`` the same for pleural plaques. ``holes`` ``(h, 4)``: emphysema holes, centre and radius;
-    the last ``bullae`` of them are paraseptal bullae, which have a thin wall.
+    radius) of scars and atelectasis bands with their HU; ``plaques`` the same for pleural plaques. ``holes``
+    ``(h, 4)``: emphysema holes, centre and radius; the last ``bullae`` of them are paraseptal bullae, which have a thin
+    wall.
     """
 
     granulomas: np.ndarray
