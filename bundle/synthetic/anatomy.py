@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from bundle.synthetic.raster import ScanGrid
 
-__all__ = ["HU", "Tube", "ChestAnatomy", "Plane", "LungField"]
+__all__ = ["HU", "Tube", "Fissure", "ChestAnatomy", "Plane", "LungField", "SLICE_RECONSTRUCTIONS"]
 
 #: Densities (Hounsfield units) of the tissues, before blur and noise.
 HU = {
@@ -33,11 +33,42 @@ HU = {
     "disc": 90.0,
     "cancellous_bone": 220.0,
     "cortical_bone": 700.0,
+    "pleura": 40.0,
 }
+FISSURE_HALF_MM = 0.15  # half the thickness of a fissure (two layers of visceral pleura)
 
 APEX_SPREAD = 5.0  # apex_e reached by the whole lung cross-section where the apex starts narrowing
 ADULT_HALF_WIDTH_MM = 150.0  # body semi-axis (left-right) of the reference adult; organ sizes scale with a / this
-SLICE_THICKNESSES_MM = (1.0, 1.25, 1.5, 1.8, 2.0, 2.5)  # common clinical reconstructions within LUNA16's range
+#: Reconstructions drawn: (slice thickness, slice spacing) mm and probability. Clinical archives hold 0.6-5 mm slices,
+#: some reconstructed overlapping (thickness twice the spacing); LUNA16 itself kept 0.6-2.5 mm.
+SLICE_RECONSTRUCTIONS = (
+    ((0.625, 0.625), 0.06),
+    ((1.0, 1.0), 0.12),
+    ((1.25, 1.25), 0.14),
+    ((1.5, 1.5), 0.08),
+    ((2.0, 2.0), 0.14),
+    ((2.0, 1.0), 0.06),
+    ((2.5, 2.5), 0.18),
+    ((2.5, 1.25), 0.06),
+    ((3.0, 3.0), 0.06),
+    ((5.0, 5.0), 0.10),
+)
+
+
+@dataclass(frozen=True)
+class Fissure:
+    """An interlobar fissure of one lung: the sheet ``z = f(x, y)`` (LPS mm), with
+    ``f = z0 + gx * u + gy * v - curvature * (u**2 + v**2)``, ``u = |x - cx| - lung_x`` (lateral offset from the lung's
+    centre) and ``v = y - y0``. ``side`` is -1 (right lung) or +1 (left); a ``minor`` fissure (right lung only) exists
+    only in front of the major fissure (where the major one lies below it)."""
+
+    side: float
+    z0: float
+    y0: float
+    gx: float
+    gy: float
+    curvature: float
+    minor: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +156,8 @@ class ChestAnatomy:
     airway_lumen: tuple[Tube, ...]
     lung_hu: float
     lung_gradient_hu: float  # denser towards the back (gravity-dependent lung)
+    dependent_band: tuple[float, float]  # HU and depth (mm) of the subpleural dependent density at the back (0: none)
+    fissures: tuple[Fissure, ...]
     fov_radius: float | None  # radius of the reconstruction circle (outside: -2048 padding), None if not padded
 
     @property
@@ -148,7 +181,8 @@ class ChestAnatomy:
             n_xy = int(np.ceil(2.0 * (a + np.abs(offset).max() * 1.5 + u(10.0, 25.0)) / spacing_xy))
         b = a * u(0.7, 0.82)
         s = a / ADULT_HALF_WIDTH_MM
-        dz = float(rng.choice(SLICE_THICKNESSES_MM))
+        choice = rng.choice(len(SLICE_RECONSTRUCTIONS), p=[p for _, p in SLICE_RECONSTRUCTIONS])
+        thickness, dz = SLICE_RECONSTRUCTIONS[choice][0]
         image_centre = (u(-20.0, 20.0), u(-30.0, 30.0))
         cx, cy = image_centre[0] + offset[0], image_centre[1] + offset[1]
         z0 = u(-400.0, -100.0)
@@ -158,7 +192,7 @@ class ChestAnatomy:
         # Rounded as the header will store them, so the rendering and the file agree exactly.
         spacing_xy = round(spacing_xy, 6)
         origin = (*(round(c - 0.5 * (n_xy - 1) * spacing_xy, 4) for c in image_centre), round(z0, 4))
-        grid = ScanGrid((n_xy, n_xy, n_z), (spacing_xy, spacing_xy, dz), origin)
+        grid = ScanGrid((n_xy, n_xy, n_z), (spacing_xy, spacing_xy, dz), origin, None if thickness == dz else thickness)
 
         # The chest wall is a share of the body's half-width, so the lungs of the small chests stay ~120 mm wide.
         wall = a * (u(0.2, 0.26) if full_size else u(0.27, 0.33))
@@ -216,6 +250,16 @@ class ChestAnatomy:
             for t in tubes[5:]
         )
         padded = rng.uniform() < 0.7
+        # Major fissures run from high at the back to low at the front (45-60 degrees), the right minor fissure is a
+        # shallow dome in front of the right major one at about the fourth rib.
+        major = [
+            Fissure(side, z_base + u(0.4, 0.5) * lung_height, cy + 0.05 * b, u(0.4, 0.9), u(1, 1.6), u(2, 8) / s / 1e3)
+            for side in (-1.0, 1.0)
+        ]
+        minor = Fissure(-1.0, z_base + u(0.52, 0.62) * lung_height, cy - 0.2 * b, u(-0.1, 0.1), u(-0.05, 0.15),
+                        u(4, 12) * 1e-3 / s, minor=True)  # fmt: skip
+        fissures = (*major, minor)
+        band = (u(60.0, 250.0), u(2.0, 6.0)) if rng.uniform() < 0.4 else (0.0, 1.0)
         return cls(
             grid=grid,
             cx=cx,
@@ -253,7 +297,9 @@ class ChestAnatomy:
             tubes=tubes,
             airway_lumen=lumen,
             lung_hu=u(-900.0, -850.0),
-            lung_gradient_hu=u(30.0, 70.0),
+            lung_gradient_hu=u(20.0, 110.0),
+            dependent_band=band,
+            fissures=fissures,
             fov_radius=0.5 * n_xy * spacing_xy if padded else None,
         )
 
@@ -349,8 +395,59 @@ class ChestAnatomy:
         # Parenchyma: denser towards the back (dependent lung), with low-frequency texture.
         gradient = self.lung_gradient_hu * np.clip((plane.dy[:, 0] / self.b + 0.3) / 1.2, 0.0, 1.0)
         parenchyma = self.lung_hu + gradient[:, None] + 22.0 * texture
-        hu[lung] = np.broadcast_to(parenchyma, hu.shape)[lung]
+        if self.dependent_band[0] > 0:
+            # Subpleural density at the back (dependent atelectasis of a supine patient), fading inwards.
+            back = np.clip(1.0 - plane.phi / 1.1, 0.0, 1.0)
+            inward = np.maximum(depth - self.wall, 0.0)
+            parenchyma = parenchyma + self.dependent_band[0] * back * np.exp(-inward / self.dependent_band[1])
+        values = np.broadcast_to(parenchyma, hu.shape)[lung]
+        hu[lung] = self._add_fissures(plane, z, lung, values)
         return hu, lung
+
+    def _add_fissures(self, plane: Plane, z: float, lung: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``values`` (HU of the ``lung`` pixels) with the fissures crossing the slice at ``z`` composited in.
+
+        A fissure is a sheet thinner than a voxel: its share of a voxel (the sheet's profile filtered by the voxel's
+        extent along the sheet's normal: the in-plane width times the normal's in-plane part, plus the slice
+        thickness times its z part) moves the voxel towards pleura. So a fissure is a thin grey line where it cuts the
+        slice steeply and a faint broad haze where it lies nearly in the slice, as on real CT.
+        """
+        dx, dy = np.broadcast_arrays(plane.dx, plane.dy)
+        dx, dy = dx[lung], dy[lung] + self.cy
+        width, thickness = self.grid.spacing[0], self.grid.slice_thickness
+        out = values
+        major = {}
+        for fissure in self.fissures:
+            on_side = np.sign(dx) == fissure.side
+            u = np.abs(dx) - self.lung_x
+            v = dy - fissure.y0
+            height = fissure.z0 + fissure.gx * u + fissure.gy * v - fissure.curvature * (u**2 + v**2)
+            if not fissure.minor:
+                major[fissure.side] = height
+            else:
+                on_side &= major[fissure.side] < z  # in front of (above) the major fissure: upper vs middle lobe
+            slope = np.hypot(fissure.gx - 2 * fissure.curvature * u, fissure.gy - 2 * fissure.curvature * v)
+            norm = np.sqrt(1.0 + slope**2)
+            distance = (z - height) / norm
+            extent = (width * slope + thickness) / norm
+            near = on_side & (np.abs(distance) < FISSURE_HALF_MM + extent)
+            if near.any():
+                share = _sheet_share(distance[near], FISSURE_HALF_MM, extent[near])
+                out[near] += share * (HU["pleura"] - out[near])
+        return out
+
+    def heart_motion(self, plane: Plane, z: float) -> np.ndarray | None:
+        """Weight (0-1) of cardiac motion blur on the slice at ``z``: 1 in the heart, fading over 15 mm into the lung
+        beside it (more on the left, where the ventricles beat); None when the slice misses the heart."""
+        hx, hy, hz = self.heart_centre
+        ha = self.heart_axes
+        level = 1.0 - ((z - hz) / ha[2]) ** 2
+        if level <= 0.0:
+            return None
+        e = np.sqrt(((plane.dx - (hx - self.cx)) / ha[0]) ** 2 + ((plane.dy - (hy - self.cy)) / ha[1]) ** 2)
+        outside_mm = np.maximum(e - np.sqrt(level), 0.0) * 0.5 * (ha[0] + ha[1])
+        side = np.where(plane.dx > hx - self.cx, 1.0, 0.6)
+        return (np.clip(1.0 - outside_mm / 15.0, 0.0, 1.0) * side).astype(np.float32)
 
     def _paint_bones(self, plane: Plane, z: float, depth: np.ndarray, hu: np.ndarray) -> None:
         """Ribs (cortex and marrow) with their costal cartilages, the sternum and the scapulae, into ``hu``."""
@@ -396,6 +493,14 @@ class ChestAnatomy:
         ) ** 2 < 1.0
         view[arch | spinous | transverse] = 550.0
         view[canal_dist < self.canal_radius] = HU["csf"]
+
+
+def _sheet_share(distance: np.ndarray, half: float, extent: np.ndarray) -> np.ndarray:
+    """Share of a voxel of ``extent`` mm (along the sheet's normal), centred ``distance`` mm from a sheet of
+    half-thickness ``half`` mm, that the sheet fills: its box profile filtered by the voxel's box."""
+    lo = np.maximum(distance - 0.5 * extent, -half)
+    hi = np.minimum(distance + 0.5 * extent, half)
+    return np.clip((hi - lo) / extent, 0.0, 1.0)
 
 
 class LungField:

@@ -20,11 +20,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bundle.synthetic.anatomy import ChestAnatomy, LungField, Tube
+from bundle.synthetic.anatomy import HU, ChestAnatomy, LungField, Tube
+from bundle.synthetic.imaging import (
+    Scanner,
+    add_bone_streaks,
+    cardiac_blur,
+    reconstruct,
+)
+from bundle.synthetic.mimics import (
+    BULLA_WALL_HU,
+    BULLA_WALL_MM,
+    EMPHYSEMA_HU,
+    Mimics,
+    draw_mimics,
+)
 from bundle.synthetic.nodules import Nodule, place_nodules, sample_nodule_count
-from bundle.synthetic.noise import SmoothField, blur_and_add_noise
+from bundle.synthetic.noise import SmoothField
 from bundle.synthetic.raster import ScanGrid, paint_capsules, paint_spheres
-from bundle.synthetic.vessels import grow_vessel_trees
+from bundle.synthetic.vessels import VesselTrees, grow_vessel_trees
 from custom_components.atomic import atomic_write
 from custom_components.errors import InputError
 
@@ -35,6 +48,7 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498"
 CSV_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
 PADDING_HU = -2048  # scanner value outside the reconstruction circle
 HU_RANGE = (-1024, 3071)  # what a 12-bit CT stores
+BACKGROUND_STEP_MM = 1.5  # thick slices average the analytic background over sub-slices this far apart
 
 
 @dataclass
@@ -43,7 +57,9 @@ class SyntheticScan:
 
     ``image`` (int16 HU) and ``lungs`` (bool) are arrays in SimpleITK order ``(k, j, i)`` on ``grid``; ``nodules`` and
     ``excluded`` (findings under 3 mm) have centres in LPS mm; ``vessels`` ``(n, 8)`` are the vessel capsules (start,
-    end in LPS mm, start and end radius in mm).
+    end in LPS mm, start and end radius in mm) and ``trees`` the full vessel and airway trees; ``mimics`` the
+    non-nodule findings (calcified granulomas, scars, atelectasis bands, emphysema; in no annotation file);
+    ``scanner`` the kernel, dose and artefacts it was imaged with.
     """
 
     seriesuid: str
@@ -54,6 +70,9 @@ class SyntheticScan:
     nodules: list[Nodule]
     excluded: list[Nodule]
     vessels: np.ndarray
+    trees: VesselTrees
+    mimics: Mimics
+    scanner: Scanner
 
 
 def seriesuid(seed: int, index: int) -> str:
@@ -73,17 +92,26 @@ def synthesize_scan(seed: int, index: int, full_size: bool = False) -> Synthetic
     anatomy = ChestAnatomy.draw(rng, full_size)
     grid = anatomy.grid
     lung_field = LungField(anatomy, spacing=2.0)
-    vessels = grow_vessel_trees(anatomy, lung_field, rng, terminals_per_lung=3000 if full_size else 800)
+    trees = grow_vessel_trees(anatomy, lung_field, rng)
+    vessels = trees.vessels
     nodules, excluded = place_nodules(
         rng, lung_field, vessels, count=sample_nodule_count(rng), tiny=min(int(rng.poisson(0.8)), 3)
     )
+    mimics = draw_mimics(rng, anatomy, lung_field, nodules + excluded)
+    scanner = Scanner.draw(rng, grid.slice_thickness)
 
     texture = SmoothField(grid, rng)
     volume = np.empty(grid.shape, dtype=np.float32)
     lungs = np.empty(grid.shape, dtype=bool)
     plane = anatomy.plane()
+    # The analytic background is sampled at sub-slices across each slice's thickness, like the capsules, so ribs,
+    # pleura and fissures get the partial volume of thick slices too.
+    sub = max(1, int(np.ceil(grid.slice_thickness / BACKGROUND_STEP_MM)))
+    depths = ((np.arange(sub) + 0.5) / sub - 0.5) * grid.slice_thickness
     for k, z in enumerate(grid.axis(2)):
-        volume[k], lungs[k] = anatomy.render_slice(plane, float(z), texture.slice(k))
+        renders = [anatomy.render_slice(plane, float(z + dz), texture.slice(k)) for dz in depths]
+        volume[k] = renders[0][0] if sub == 1 else np.mean([hu for hu, _ in renders], axis=0)
+        lungs[k] = renders[0][1] if sub == 1 else 2 * np.sum([lung for _, lung in renders], axis=0) > sub
 
     def paint_tubes(tubes: tuple[Tube, ...]) -> None:
         for tube in tubes:
@@ -91,15 +119,34 @@ def synthesize_scan(seed: int, index: int, full_size: bool = False) -> Synthetic
             paint_capsules(volume, grid, np.array(tube.start), np.array(tube.end), radius, radius, tube.hu)
 
     paint_tubes(anatomy.tubes)
-    paint_capsules(volume, grid, vessels[:, :3], vessels[:, 3:6], vessels[:, 6], vessels[:, 7], 40.0)
+    holes, bullae = mimics.holes, mimics.holes[len(mimics.holes) - mimics.bullae :]
+    walls = bullae[:, 3] + BULLA_WALL_MM
+    paint_capsules(volume, grid, bullae[:, :3], bullae[:, :3], walls, walls, BULLA_WALL_HU)
+    paint_capsules(volume, grid, holes[:, :3], holes[:, :3], holes[:, 3], holes[:, 3], EMPHYSEMA_HU)
+    paint_capsules(volume, grid, vessels[:, :3], vessels[:, 3:6], vessels[:, 6], vessels[:, 7], HU["blood"])
+    # Airways over the vessels: the independently grown trees may cross, and an airway is never filled by a vessel.
+    airways = trees.airways
+    paint_capsules(volume, grid, airways[:, :3], airways[:, 3:6], airways[:, 6], airways[:, 7], rng.uniform(-30, 40))
+    paint_capsules(volume, grid, airways[:, :3], airways[:, 3:6], airways[:, 8], airways[:, 9], HU["air"])
     paint_tubes(anatomy.airway_lumen)
+    strands = np.concatenate([mimics.strands, mimics.plaques])
+    for hu in np.unique(strands[:, 8]):
+        row = strands[strands[:, 8] == hu]
+        paint_capsules(volume, grid, row[:, :3], row[:, 3:6], row[:, 6], row[:, 7], float(hu))
     for finding in nodules + excluded:
         paint_spheres(volume, grid, finding.spheres[:, :3], finding.spheres[:, 3], finding.hu)
         if len(finding.core):
             paint_spheres(volume, grid, finding.core[:, :3], finding.core[:, 3], finding.core_hu)
+    for x, y, z, radius, hu in mimics.granulomas:
+        paint_spheres(volume, grid, np.array([[x, y, z]]), np.array([radius]), float(hu))
 
-    psf_mm = rng.uniform(0.45, 0.75)
-    blur_and_add_noise(volume, sigma_hu=rng.uniform(10.0, 30.0), psf_voxels=psf_mm / grid.spacing[0], rng=rng)
+    blur_px = scanner.cardiac_blur_mm / grid.spacing[0]
+    for k, z in enumerate(grid.axis(2)):
+        weight = anatomy.heart_motion(plane, float(z))
+        if weight is not None:
+            cardiac_blur(volume[k], weight, blur_px)
+    add_bone_streaks(volume, grid, (anatomy.cx, anatomy.spine_y), scanner.streak_hu, rng)
+    reconstruct(volume, grid, scanner, rng)
     np.rint(volume, out=volume)
     image = np.clip(volume, *HU_RANGE, out=volume).astype(np.int16)
     if anatomy.fov_radius is not None:
@@ -107,7 +154,9 @@ def synthesize_scan(seed: int, index: int, full_size: bool = False) -> Synthetic
         centre_x, centre_y = 0.5 * (x[0] + x[-1]), 0.5 * (y[0] + y[-1])
         outside = (x[None, :] - centre_x) ** 2 + (y[:, None] - centre_y) ** 2 > anatomy.fov_radius**2
         image[:, outside] = PADDING_HU
-    return SyntheticScan(seriesuid(seed, index), index % 10, grid, image, lungs, nodules, excluded, vessels)
+    return SyntheticScan(
+        seriesuid(seed, index), index % 10, grid, image, lungs, nodules, excluded, vessels, trees, mimics, scanner
+    )
 
 
 def _header(grid: ScanGrid, raw_name: str) -> str:

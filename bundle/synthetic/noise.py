@@ -1,4 +1,4 @@
-"""Low-frequency texture and the scanner's blur and correlated noise."""
+"""Low-frequency texture of the lung parenchyma (the scanner's blur and noise are in :mod:`.imaging`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from bundle.synthetic.raster import ScanGrid
 
-__all__ = ["SmoothField", "blur_and_add_noise"]
+__all__ = ["SmoothField"]
 
 
 def _linear_positions(coords: np.ndarray, first: float, step: float, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,25 +42,3 @@ class SmoothField:
         rows = (1.0 - w[:, None]) * plane[lo] + w[:, None] * plane[lo + 1]
         lo, w = self._x
         return (1.0 - w) * rows[:, lo] + w * rows[:, lo + 1]
-
-
-def blur_and_add_noise(
-    volume: np.ndarray, sigma_hu: float, psf_voxels: float, rng: np.random.Generator, chunk: int = 16
-) -> None:
-    """Apply the in-plane point-spread function and add noise of ``sigma_hu`` correlated by that same kernel, in place.
-
-    White noise is added before the Gaussian blur (``psf_voxels`` standard deviation, in-plane), which is how a CT
-    reconstruction kernel shapes both resolution and noise texture. A 2D Gaussian of standard deviation ``s`` scales
-    white noise by ``1 / (2 s sqrt(pi))``, so the white noise is drawn that much stronger. Works ``chunk`` slices at
-    a time to bound memory on full-size scans.
-    """
-    white_sigma = sigma_hu * 2.0 * psf_voxels * np.sqrt(np.pi)
-    # Buffers are reused across chunks: fresh large arrays cost page faults that dominate these cheap operations.
-    noisy = np.empty((min(chunk, volume.shape[0]),) + volume.shape[1:], dtype=np.float32)
-    for k0 in range(0, volume.shape[0], chunk):
-        part = volume[k0 : k0 + chunk]
-        buffer = noisy[: len(part)]
-        rng.standard_normal(dtype=np.float32, out=buffer)
-        buffer *= white_sigma
-        buffer += part
-        ndimage.gaussian_filter(buffer, (0.0, psf_voxels, psf_voxels), output=part, mode="nearest")
