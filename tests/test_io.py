@@ -39,6 +39,9 @@ def synthetic_ct(size=(24, 20, 12), seed=0) -> sitk.Image:
 
 
 def load(path, **reader_args):
+    """Read ``path`` through MONAI's ``LoadImaged`` with :class:`SimpleITKReader`; the small test volumes here
+    (a few cm) need ``check_size=False``, the floor itself is tested in tests/test_bad_input.py."""
+    reader_args.setdefault("check_size", False)
     chain = Compose(
         [
             LoadImaged(keys="image", reader=SimpleITKReader(**reader_args), image_only=True, dtype=None),
@@ -73,7 +76,7 @@ def test_reader_matches_simpleitk(tmp_path: Path, suffix: str):
 def test_reader_default_dtype_and_suffixes(tmp_path: Path):
     path = tmp_path / "scan.mha"
     sitk.WriteImage(synthetic_ct(), str(path))
-    chain = Compose([LoadImaged(keys="image", reader=SimpleITKReader(), image_only=True), EnsureChannelFirstd("image")])
+    chain = Compose([LoadImaged(keys="image", reader=SimpleITKReader(check_size=False), image_only=True), EnsureChannelFirstd("image")])
     image = chain({"image": str(path)})["image"]
     assert image.dtype == torch.float32 and image.shape == (1, 24, 20, 12)
     reader = SimpleITKReader()
@@ -224,9 +227,9 @@ def test_values_not_hounsfield(tmp_path: Path):
     values = np.random.default_rng(0).integers(0, 900, (8, 16, 16)).astype(np.int16)
     sitk.WriteImage(sitk.GetImageFromArray(values), str(mri))
     with pytest.raises(InputError, match=r"t1\.nii\.gz: values are not CT Hounsfield units \(range \[0"):
-        read_image(mri)
+        read_image(mri, check_size=False)
     only_air = tmp_path / "air.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 16, 16), -2048, dtype=np.int16)), str(only_air))
     with pytest.raises(InputError, match=r"air\.nii\.gz: .*only air"):
-        read_image(only_air)
-    assert read_image(mri, check_hu=False).image.GetSize() == (16, 16, 8)
+        read_image(only_air, check_size=False)
+    assert read_image(mri, check_hu=False, check_size=False).image.GetSize() == (16, 16, 8)
