@@ -25,7 +25,7 @@ import numpy as np
 
 from custom_components.errors import InputError
 
-__all__ = ["ZlibStream", "check_zlib_stream", "check_nifti_gz"]
+__all__ = ["ZlibStream", "check_nifti_gz", "check_zlib_stream"]
 
 _CHUNK = 1 << 20  # compressed bytes read at a time
 _MAX_OUT = 1 << 24  # decoded bytes produced at a time (bounds memory whatever the compression ratio)

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from custom_components.errors import InputError
 
-__all__ = ["SLICE_TOLERANCE", "find_dicom_series", "read_dicom_series", "check_slice_positions"]
+__all__ = ["SLICE_TOLERANCE", "check_slice_positions", "find_dicom_series", "read_dicom_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +88,10 @@ def check_slice_positions(
     """
     label = f"{folder}: DICOM series {uid}"
     if np.abs(orientations - orientations[0]).max() > 1e-4:
-        odd = np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > 1e-4)
+        odd = _listing([names[k] for k in np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > 1e-4)])
         raise InputError(
-            f"{label}: its slices have different orientations (ImageOrientationPatient of {_listing([names[k] for k in odd])} "
-            f"differs from {names[0]}'s); one volume cannot hold them"
+            f"{label}: its slices have different orientations (ImageOrientationPatient of {odd} differs from "
+            f"{names[0]}'s); one volume cannot hold them"
         )
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
@@ -176,7 +176,7 @@ def _resample(
             )
     source = along[keep]
     span = source[-1] - source[0]
-    count = int(round(span / spacing)) + 1
+    count = round(span / spacing) + 1
     step = span / (count - 1)
     target = source[0] + step * np.arange(count)
     upper = np.clip(np.searchsorted(source, target, side="right"), 1, len(source) - 1)
@@ -200,7 +200,9 @@ def _resample(
     return resampled
 
 
-def read_dicom_series(folder: Path, series_uid: str | None = None, resample_slices: bool = False) -> tuple[sitk.Image, str]:
+def read_dicom_series(
+    folder: Path, series_uid: str | None = None, resample_slices: bool = False
+) -> tuple[sitk.Image, str]:
     """Read one DICOM series of ``folder`` (searched recursively) and check its slice positions.
 
     Args:

@@ -33,14 +33,14 @@ from custom_components.nifti import check_nifti_finite
 from custom_components.volume_checks import AIR_MAX_HU, check_ct_values, check_finite, check_grid
 
 __all__ = [
-    "SimpleITKReader",
+    "AIR_MAX_HU",
     "LoadCTd",
     "LoadedImage",
-    "read_image",
+    "SimpleITKReader",
     "affine_from_sitk",
     "array_ijk",
     "check_ct_values",
-    "AIR_MAX_HU",
+    "read_image",
 ]
 
 SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".dcm")
@@ -216,9 +216,7 @@ class SimpleITKReader(ImageReader):
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> LoadedImage | list[LoadedImage]:
         """Read one path (or each of several paths) with :func:`read_image`."""
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        images = [
-            read_image(n, self.series_uid, self.check_hu, self.check_size, self.resample_slices) for n in names
-        ]
+        images = [read_image(n, self.series_uid, self.check_hu, self.check_size, self.resample_slices) for n in names]
         return images[0] if len(images) == 1 else images
 
     def get_data(self, img: LoadedImage | sitk.Image | Sequence[LoadedImage]) -> tuple[np.ndarray, dict]:

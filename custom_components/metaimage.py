@@ -88,7 +88,9 @@ def check_metaimage(path: Path) -> ZlibStream | None:
         expected, what = compressed_size, f"CompressedDataSize = {compressed_size}"
     else:
         expected = decoded
-        what = f"DimSize {fields['DimSize']} x {_METAIMAGE_BYTES[fields['ElementType']]} bytes ({fields['ElementType']})"
+        what = (
+            f"DimSize {fields['DimSize']} x {_METAIMAGE_BYTES[fields['ElementType']]} bytes ({fields['ElementType']})"
+        )
         if channels != 1:
             what += f" x {channels} channels"
     if available < expected:

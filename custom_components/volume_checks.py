@@ -35,14 +35,14 @@ from custom_components.errors import InputError
 __all__ = [
     "AIR_MAX_HU",
     "COARSE_SPACING_MM",
-    "MAX_SPACING_MM",
     "MAX_EXTENT_MM",
+    "MAX_SPACING_MM",
     "MAX_VOLUME_L",
     "MIN_EXTENT_MM",
-    "check_grid",
-    "check_finite",
-    "refuse_non_finite",
     "check_ct_values",
+    "check_finite",
+    "check_grid",
+    "refuse_non_finite",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def _mm(values: Sequence[float]) -> str:
     return " x ".join(f"{v:.4g}" for v in values) + " mm"
 
 
-def check_grid(
-    path: str | os.PathLike, size: Sequence[int], spacing: Sequence[float], check_size: bool = True
-) -> None:
+def check_grid(path: str | os.PathLike, size: Sequence[int], spacing: Sequence[float], check_size: bool = True) -> None:
     """Refuse a grid that is absurd, too large to resample or (with ``check_size``) too small for a chest CT.
 
     Args:
@@ -110,9 +108,7 @@ def check_grid(
         )
 
 
-def refuse_non_finite(
-    path: str | os.PathLike, n_nan: int, n_inf: int, total: int, hits: Sequence[np.ndarray]
-) -> None:
+def refuse_non_finite(path: str | os.PathLike, n_nan: int, n_inf: int, total: int, hits: Sequence[np.ndarray]) -> None:
     """Raise the :class:`InputError` for ``n_nan`` NaN and ``n_inf`` infinite voxels among ``total``;
     ``hits[a]`` are the sorted indices along voxel axis ``a`` of ``(i, j, k)`` holding any of them (their bounding
     box goes into the message)."""
