@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -133,6 +134,31 @@ def nan_block(tmp: Path, request) -> Path:
     return _nifti_float(tmp, fill)
 
 
+def nan_in_mhd(tmp: Path, request) -> Path:
+    values = chest_hu().astype(np.float32)
+    values[0, 0, :3] = np.nan  # (K, J, I): k 0, j 0, i 0..2
+    return write(tmp / "scan.mhd", values)
+
+
+def nan_in_nii(tmp: Path, request) -> Path:
+    values = chest_hu().astype(np.float32)
+    values[47, 111, 127] = -np.inf  # the last voxel
+    return write(tmp / "scan.nii", values)
+
+
+def header_larger_than_a_body(tmp: Path, request) -> Path:
+    """A NIfTI header declaring 4000^3 voxels of 1 mm and no voxel data: refused from the header alone (reading the
+    voxels would fail, or allocate 238 GiB)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((4000, 4000, 4000))
+    header.set_zooms((1.0, 1.0, 1.0))
+    header.set_sform(np.eye(4), code=1)
+    path = tmp / "scan.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4)  # vox_offset 352: the voxels would start here
+    return path
+
+
 def all_nan(tmp: Path, request) -> Path:
     return _nifti_float(tmp, lambda v: v.fill(np.nan))
 
@@ -213,12 +239,15 @@ CASES = [
     ("zraw-too-long", zraw_too_long, 2, "data file scan.zraw is too long"),
     ("nifti-gz-damaged", nifti_gz_damaged, 2, "scan.nii.gz is damaged (zlib:"),
     ("nan-block", nan_block, 2, "1000 NaN voxels of 688128, within voxels i 60..69, j 40..49, k 20..29"),
+    ("nan-in-mhd", nan_in_mhd, 2, "3 NaN voxels of 688128, within voxels i 0..2, j 0..0, k 0..0"),
+    ("inf-in-nii", nan_in_nii, 2, "1 infinite voxels of 688128, within voxels i 127..127, j 111..111, k 47..47"),
     ("all-nan", all_nan, 2, "all 688128 voxels are NaN or infinite"),
     ("one-inf", one_inf, 2, "1 infinite voxels of 688128, within voxels i 7..7, j 6..6, k 5..5"),
     ("two-slices", two_slices, 2, "covers only 5 mm along k (2 voxels of 2.5 mm"),
     ("5x5x5", five_cubed, 2, "covers only 5 mm along i (5 voxels of 1 mm"),
     ("spacing-x20", spacing_times_20, 2, "voxel spacing 14.06 x 14.06 x 50 mm is coarser than any CT"),
     ("larger-than-a-body", larger_than_a_body, 2, "cover 2400 x 2400 x 100 mm (576 l), larger than any body"),
+    ("header-larger-than-a-body", header_larger_than_a_body, 2, "cover 4000 x 4000 x 4000 mm (6.4e+04 l)"),
     ("slices-10mm", slices_10mm, 0, "voxel spacing 0.8 x 0.9 x 10 mm is coarser than 5 mm"),
     ("dicom-duplicate-slice", dicom_duplicate, 2, "1 duplicated position(s) -175 mm ("),
     ("dicom-missing-slice", dicom_missing, 2, "1 gap(s) where slices are missing, -177.5 to -172.5 mm"),

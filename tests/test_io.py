@@ -18,7 +18,7 @@ from custom_components.geometry import (
     voxel_to_world,
     world_to_voxel,
 )
-from custom_components.io import LoadCTd, SimpleITKReader, affine_from_sitk, read_image
+from custom_components.io import LoadCTd, SimpleITKReader, affine_from_sitk, check_ct_values, read_image
 from tests.conftest import LIDC_0001_UID
 from tests.test_bad_input import dicom_duplicate, dicom_missing
 
@@ -291,3 +291,10 @@ def test_values_not_hounsfield(tmp_path: Path):
     with pytest.raises(InputError, match=r"air\.nii\.gz: .*only air"):
         read_image(only_air, check_size=False)
     assert read_image(mri, check_hu=False, check_size=False).image.GetSize() == (16, 16, 8)
+    # NaN never passes the HU rule (an all-NaN volume once gave a clean "0 detections")
+    with pytest.raises(InputError, match=r"x\.nii\.gz: all 8 voxels are NaN or infinite \(8 NaN\)"):
+        check_ct_values(np.full((2, 2, 2), np.nan, dtype=np.float32), "x.nii.gz")
+    lungs_and_nan = np.full((4, 4, 4), -850.0, dtype=np.float32)
+    lungs_and_nan[0, 0, 0], lungs_and_nan[2, 2, 0] = 40.0, np.nan  # (K, J, I), on the rule's every-second-voxel grid
+    with pytest.raises(InputError, match=r"1 NaN voxels of 64, within voxels i 0\.\.0, j 2\.\.2, k 2\.\.2"):
+        check_ct_values(lungs_and_nan, "x.nii.gz")
