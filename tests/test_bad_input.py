@@ -289,3 +289,27 @@ def test_command_line(kind, make, status, fragment, tmp_path: Path, request):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, run.stderr[-2000:]
     assert errors[0].startswith(f"error: {path}: ") and fragment in errors[0]
+
+
+BACKGROUNDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "backgrounds"
+
+
+def test_real_scans_pass_unchanged_on_the_fast_path(
+    lidc_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The four real chest CTs (5 mm slices included) pass every check without a warning, and their ``.zraw``
+    checksums match SimpleITK's voxels: the stream is never inflated a second time."""
+    import custom_components.compressed_data as compressed_data
+
+    def no_second_inflate(*args, **kwargs):
+        raise AssertionError("the checksum fast path missed an intact .zraw")
+
+    monkeypatch.setattr(compressed_data, "_inflate", no_second_inflate)
+    scans = sorted(lidc_dir.glob("*.mhd")) + sorted(BACKGROUNDS.glob("*/image.mhd"))
+    with caplog.at_level(logging.WARNING):
+        for scan in scans:
+            image = read_image(scan).image
+            np.testing.assert_array_equal(
+                sitk.GetArrayViewFromImage(image), sitk.GetArrayFromImage(sitk.ReadImage(str(scan)))
+            )
+    assert len(scans) >= 2 and not caplog.records
