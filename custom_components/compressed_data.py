@@ -27,7 +27,7 @@ from custom_components.errors import InputError
 
 __all__ = ["ZlibStream", "check_nifti_gz", "check_zlib_stream"]
 
-_CHUNK = 1 << 20  # compressed bytes read at a time
+_CHUNK = 1 << 16  # compressed bytes fed at a time: where zlib stops is known to this much
 _MAX_OUT = 1 << 24  # decoded bytes produced at a time (bounds memory whatever the compression ratio)
 
 
@@ -70,10 +70,14 @@ def _inflate(path: str | os.PathLike, data_file: Path, offset: int, length: int,
             if not decoder.eof:
                 raise zlib.error("the stream is cut short")
     except zlib.error as err:
-        where = f", about slice k = {decoded // slice_bytes}" if slice_bytes else ""
+        if "incorrect data check" in str(err) or "incorrect length check" in str(err):
+            # the checksum at the stream's end: the damage decoded to other voxels, somewhere before it
+            what = "the decoded voxels are not those that were written"
+        else:
+            where = f", about slice k = {decoded // slice_bytes}" if slice_bytes else ""
+            what = f"after {decoded} decoded bytes{where}; the voxels from there on would be garbage"
         raise InputError(
-            f"{path}: compressed data in {data_file.name} is damaged (zlib: {err}, after {decoded} decoded "
-            f"bytes{where}); the voxels from there on would be garbage, copy the file again"
+            f"{path}: compressed data in {data_file.name} is damaged (zlib: {err}; {what}), copy the file again"
         ) from err
     if expected is not None and decoded != expected:
         raise InputError(
