@@ -4,8 +4,10 @@ MONAI's ``ITKReader`` needs the heavy ``itk`` package; :class:`SimpleITKReader` 
 an array in MONAI/ITK order ``(I, J, K)`` (the transpose of ``SimpleITK.GetArrayFromImage``) and a meta dict whose
 ``affine`` maps a voxel index to **LPS** world mm (``meta["space"] = "LPS"``), see ``docs/conventions.md``.
 
-Every problem with the input (missing or truncated files, a broken header, a 2D image, values that are not Hounsfield
-units, an ambiguous DICOM folder) raises :class:`~custom_components.errors.InputError` naming the file.
+Every problem with the input (missing, truncated, too long or damaged files, a broken header, a 2D image, a grid no CT
+has, a DICOM series with duplicated, missing or unevenly spaced slices, NaN voxels, values that are not Hounsfield
+units, an ambiguous DICOM folder) raises :class:`~custom_components.errors.InputError` naming the file:
+:func:`read_image` runs every check, and every reader path (``SimpleITKReader``, ``LoadCTd``) goes through it.
 """
 
 from __future__ import annotations
@@ -23,31 +25,27 @@ from monai.data import ImageReader
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys
 
+from custom_components.compressed_data import check_nifti_gz, check_zlib_stream
+from custom_components.dicom_series import read_dicom_series
 from custom_components.errors import InputError
+from custom_components.metaimage import check_metaimage
+from custom_components.nifti import check_nifti_finite
+from custom_components.volume_checks import AIR_MAX_HU, check_ct_values, check_finite, check_grid
 
 __all__ = [
-    "SimpleITKReader",
+    "AIR_MAX_HU",
     "IMAGE_SUFFIXES",
     "LoadCTd",
     "LoadedImage",
-    "read_image",
+    "SimpleITKReader",
     "affine_from_sitk",
     "array_ijk",
     "check_ct_values",
+    "read_image",
 ]
 
 #: the volume files the reader opens (besides DICOM series folders and ``.dcm`` files); every scan finder uses these
 IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd")
-
-# "Is this a CT in Hounsfield units?": a CT holds air (about -1000 HU; lungs and the air around the body) and
-# something denser than air. No voxel below AIR_MAX_HU means the values are not HU (MRI, CT stored without its
-# rescale intercept, a label map); a maximum below AIR_MAX_HU means the volume holds nothing but air or padding.
-AIR_MAX_HU = -500.0
-
-_METAIMAGE_BYTES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
-}  # fmt: skip
 _DICOM_SERIES_UID_TAG = "0020|000e"
 
 
@@ -68,98 +66,6 @@ def _sitk_message(err: RuntimeError) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def _check_metaimage(path: Path) -> None:
-    """Check a MetaImage header and its data file before SimpleITK reads it, for messages a user can act on."""
-    with open(path, "rb") as f:
-        raw = f.read(1 << 16)
-    fields: dict[str, str] = {}
-    header_end = 0
-    for line in raw.split(b"\n"):
-        header_end += len(line) + 1
-        try:
-            text = line.decode("ascii").strip()
-        except UnicodeDecodeError:
-            raise InputError(f"{path}: header is unreadable (binary data where a text header was expected)") from None
-        if not text:
-            continue
-        if "=" not in text:
-            raise InputError(f"{path}: header is unreadable (line {text[:60]!r} is not 'Key = Value')")
-        key, value = (s.strip() for s in text.split("=", 1))
-        fields[key] = value
-        if key == "ElementDataFile":  # by the MetaImage standard the last header field
-            break
-    for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
-        if key not in fields:
-            raise InputError(f"{path}: header is unreadable ({key} missing)")
-    try:
-        ndims = int(fields["NDims"])
-        dims = [int(v) for v in fields["DimSize"].split()]
-        channels = int(fields.get("ElementNumberOfChannels", "1"))
-        header_size = int(fields.get("HeaderSize", "0"))
-        compressed_size = int(fields.get("CompressedDataSize", "0"))
-    except ValueError:
-        raise InputError(
-            f"{path}: header is unreadable (NDims/DimSize/ElementNumberOfChannels/HeaderSize/CompressedDataSize are "
-            f"not all integers: NDims = {fields['NDims']!r}, DimSize = {fields['DimSize']!r})"
-        ) from None
-    if len(dims) != ndims or min(dims, default=0) < 1:
-        raise InputError(
-            f"{path}: header is unreadable (DimSize = {fields['DimSize']!r} does not match NDims = {ndims})"
-        )
-    if fields["ElementType"] not in _METAIMAGE_BYTES:
-        raise InputError(f"{path}: header is unreadable (unknown ElementType {fields['ElementType']!r})")
-    data_name = fields["ElementDataFile"]
-    if data_name == "LIST" or "%" in data_name:
-        return  # multi-file layouts: SimpleITK's own checks apply
-    compressed = fields.get("CompressedData", "False").lower() == "true"
-    if data_name == "LOCAL":
-        data_file, offset = path, header_end
-    else:
-        data_file, offset = path.parent / data_name, max(header_size, 0)  # HeaderSize -1: data at the file's end
-        if not data_file.is_file():
-            raise InputError(f"{path}: data file {data_file.name} is missing (ElementDataFile = {data_name})")
-    available = data_file.stat().st_size - offset
-    if compressed:
-        expected = compressed_size
-    else:
-        expected = int(np.prod(dims, dtype=np.int64)) * channels * _METAIMAGE_BYTES[fields["ElementType"]]
-    if available < expected:
-        raise InputError(
-            f"{path}: data file {data_file.name} is truncated ({available} bytes of image data, expected {expected})"
-        )
-
-
-def _find_dicom_series(folder: Path) -> dict[str, list[str]]:
-    """SeriesInstanceUID -> sorted slice files of every DICOM series in ``folder`` or, if none, in its sub-folders."""
-    series: dict[str, list[str]] = {}
-    # only folders holding files: GDCM prints a warning for every folder it finds no series in
-    folders = sorted((Path(root) for root, _, files in os.walk(folder) if files), key=lambda p: (p != folder, p))
-    for sub in folders:
-        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub)):
-            series.setdefault(uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(sub), uid)))
-        if sub == folder and series:
-            break
-    return series
-
-
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
-    series = _find_dicom_series(folder)
-    if not series:
-        raise InputError(f"{folder}: no DICOM series found in this folder or its sub-folders")
-    if series_uid is None:
-        if len(series) > 1:
-            listing = ", ".join(f"{uid} ({len(files)} slices)" for uid, files in sorted(series.items()))
-            raise InputError(
-                f"{folder}: holds {len(series)} DICOM series, choose one with series_uid: {listing}"
-            )
-        series_uid = next(iter(series))
-    elif series_uid not in series:
-        raise InputError(f"{folder}: no DICOM series {series_uid}; found {', '.join(sorted(series))}")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series[series_uid])
-    return reader.Execute(), series_uid
-
-
 def affine_from_sitk(image: sitk.Image) -> np.ndarray:
     """The ``(4, 4)`` float64 affine mapping a voxel index ``(i, j, k, 1)`` to LPS world mm:
     ``direction @ diag(spacing)`` and the origin, exactly the geometry SimpleITK/ITK use."""
@@ -171,34 +77,47 @@ def affine_from_sitk(image: sitk.Image) -> np.ndarray:
     return affine
 
 
-def check_ct_values(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Raise :class:`InputError` unless ``array`` looks like a CT in Hounsfield units (see :data:`AIR_MAX_HU`).
-
-    The rule runs on every second voxel per axis: the statistics it needs (is there air, is there anything denser)
-    do not need every voxel, and it keeps the check at a few milliseconds for a 512 x 512 x 300 scan.
-    """
-    sample = array[tuple(slice(None, None, 2) for _ in range(array.ndim))]
-    low, high = float(sample.min()), float(sample.max())
-    if low < AIR_MAX_HU <= high:
-        return
-    low, high = float(array.min()), float(array.max())  # the exact range, for the message
-    if low >= AIR_MAX_HU:
+def _check_shape(path: Path, dimension: int, size: tuple[int, ...], components: int) -> None:
+    if dimension != 3 or min(size) < 2:
         raise InputError(
-            f"{path}: values are not CT Hounsfield units (range [{low:g}, {high:g}], no air below {AIR_MAX_HU:g} HU; "
-            "an MRI, or a CT saved without its rescale intercept?)"
+            f"{path}: is a {dimension}D image of size {'x'.join(map(str, size))}, expected a 3D CT volume"
+            + (" (a single DICOM slice? give the series folder)" if path.suffix.lower() == ".dcm" else "")
         )
-    if high < AIR_MAX_HU:
-        raise InputError(f"{path}: values are not a CT in Hounsfield units (range [{low:g}, {high:g}]: only air)")
+    if components != 1:
+        raise InputError(f"{path}: has {components} values per voxel, expected a CT volume")
 
 
-def read_image(path: str | os.PathLike, series_uid: str | None = None, check_hu: bool = True) -> LoadedImage:
-    """Read one 3D CT volume with SimpleITK and validate it.
+def read_image(
+    path: str | os.PathLike,
+    series_uid: str | None = None,
+    check_hu: bool = True,
+    check_size: bool = True,
+    resample_slices: bool = False,
+) -> LoadedImage:
+    """Read one 3D CT volume with SimpleITK and validate it: every reader path of the bundle comes through here.
+
+    Checks, each raising :class:`InputError` naming the file and the problem (thresholds in
+    :mod:`custom_components.volume_checks`):
+
+    * the file: exists; a MetaImage header is readable and its data file is exactly as long as the header says
+      (:func:`~custom_components.metaimage.check_metaimage`);
+    * the grid, from the header before any voxel is read (for a DICOM series: after its slices are checked): 3D,
+      one value per voxel, a spacing no CT has, a box larger than a body (so that resampling it cannot exhaust
+      memory), and, with ``check_size``, smaller than a chest (:func:`~custom_components.volume_checks.check_grid`;
+      slices coarser than 5 mm only warn);
+    * the voxels: a ``.zraw`` or ``.nii.gz`` decoded intact (:mod:`custom_components.compressed_data`); the slices
+      of a DICOM series at uniform positions along their normal (:mod:`custom_components.dicom_series`); no NaN or
+      infinity; and, with ``check_hu``, Hounsfield units
+      (:func:`~custom_components.volume_checks.check_ct_values`).
 
     Args:
         path: a ``.mhd``/``.mha`` (with its ``.raw``/``.zraw``), a NIfTI file, or a folder holding a DICOM series
             (searched recursively when the folder itself holds none).
         series_uid: the SeriesInstanceUID to read when the folder holds several series.
-        check_hu: reject volumes whose values are not Hounsfield units (see :func:`check_ct_values`).
+        check_hu: reject volumes whose values are not Hounsfield units.
+        check_size: reject volumes smaller than a chest (under 100 mm along an axis).
+        resample_slices: for a DICOM series with duplicated or missing slices or uneven spacing, interpolate the
+            slices at their true positions onto a uniform grid and warn, instead of refusing it.
 
     Returns:
         :class:`LoadedImage` with the SimpleITK image (LPS geometry), the path and the series UID (the DICOM
@@ -210,26 +129,35 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None, check_hu:
     seriesuid: str | None = None
     try:
         if path.is_dir():
-            image, seriesuid = _read_dicom_folder(path, series_uid)
+            image, seriesuid = read_dicom_series(path, series_uid, resample_slices)
+            _check_shape(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+            check_grid(path, image.GetSize(), image.GetSpacing(), check_size)
         else:
+            stream = None
             if path.suffix.lower() in (".mhd", ".mha"):
-                _check_metaimage(path)
+                stream = check_metaimage(path)
                 seriesuid = path.stem
-            image = sitk.ReadImage(str(path))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()  # the header only: the grid is checked before the voxels are allocated
+            _check_shape(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+            check_grid(path, reader.GetSize(), reader.GetSpacing(), check_size)
+            image = reader.Execute()
+            if stream is not None:
+                check_zlib_stream(path, stream, sitk.GetArrayViewFromImage(image))
+            elif path.name.lower().endswith((".nii", ".nii.gz")):
+                voxels = sitk.GetArrayViewFromImage(image)
+                as_stored = path.name.lower().endswith(".gz") and check_nifti_gz(path, voxels)
+                if not as_stored and np.issubdtype(voxels.dtype, np.floating):
+                    check_nifti_finite(path)  # SimpleITK turns a NIfTI's NaN into 0: look at the file's own voxels
             if image.HasMetaDataKey(_DICOM_SERIES_UID_TAG):
                 seriesuid = image.GetMetaData(_DICOM_SERIES_UID_TAG).strip()
     except RuntimeError as err:
         raise InputError(f"{path}: cannot be read as an image ({_sitk_message(err)})") from err
-    size = image.GetSize()
-    if image.GetDimension() != 3 or min(size) < 2:
-        raise InputError(
-            f"{path}: is a {image.GetDimension()}D image of size {'x'.join(map(str, size))}, expected a 3D CT volume"
-            + (" (a single DICOM slice? give the series folder)" if path.suffix.lower() == ".dcm" else "")
-        )
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel, expected a CT volume")
+    voxels = sitk.GetArrayViewFromImage(image)
+    check_finite(voxels, path)
     if check_hu:
-        check_ct_values(sitk.GetArrayViewFromImage(image), path)
+        check_ct_values(voxels, path)
     return LoadedImage(image, str(path), seriesuid)
 
 
@@ -264,12 +192,23 @@ class SimpleITKReader(ImageReader):
     Args:
         series_uid: SeriesInstanceUID to read from a DICOM folder holding several series.
         check_hu: reject volumes whose values are not CT Hounsfield units (:func:`check_ct_values`).
+        check_size: reject volumes smaller than a chest (:func:`read_image`).
+        resample_slices: interpolate a DICOM series with duplicated, missing or unevenly spaced slices onto a
+            uniform grid (and warn) instead of refusing it (:func:`read_image`).
     """
 
-    def __init__(self, series_uid: str | None = None, check_hu: bool = True) -> None:
+    def __init__(
+        self,
+        series_uid: str | None = None,
+        check_hu: bool = True,
+        check_size: bool = True,
+        resample_slices: bool = False,
+    ) -> None:
         super().__init__()
         self.series_uid = series_uid
         self.check_hu = check_hu
+        self.check_size = check_size
+        self.resample_slices = resample_slices
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         """True for MetaImage, NIfTI, NRRD and DICOM files, and for folders (DICOM series)."""
@@ -279,7 +218,7 @@ class SimpleITKReader(ImageReader):
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> LoadedImage | list[LoadedImage]:
         """Read one path (or each of several paths) with :func:`read_image`."""
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        images = [read_image(n, self.series_uid, self.check_hu) for n in names]
+        images = [read_image(n, self.series_uid, self.check_hu, self.check_size, self.resample_slices) for n in names]
         return images[0] if len(images) == 1 else images
 
     def get_data(self, img: LoadedImage | sitk.Image | Sequence[LoadedImage]) -> tuple[np.ndarray, dict]:
@@ -331,14 +270,25 @@ class LoadCTd(LoadImaged):
         keys: keys of the paths to load.
         series_uid: SeriesInstanceUID to read from a DICOM folder holding several series.
         check_hu: reject volumes whose values are not Hounsfield units.
+        check_size: reject volumes smaller than a chest (under 100 mm along an axis).
+        resample_slices: interpolate a DICOM series with duplicated, missing or unevenly spaced slices onto a
+            uniform grid at their true positions (and warn) instead of refusing it.
         kwargs: other ``LoadImaged`` arguments (``image_only``, ``dtype`` ...; ``image_only`` defaults to True).
     """
 
     def __init__(
-        self, keys: KeysCollection, series_uid: str | None = None, check_hu: bool = True, **kwargs: Any
+        self,
+        keys: KeysCollection,
+        series_uid: str | None = None,
+        check_hu: bool = True,
+        check_size: bool = True,
+        resample_slices: bool = False,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("image_only", True)
-        self.ct_reader = SimpleITKReader(series_uid=series_uid, check_hu=check_hu)
+        self.ct_reader = SimpleITKReader(
+            series_uid=series_uid, check_hu=check_hu, check_size=check_size, resample_slices=resample_slices
+        )
         super().__init__(keys, reader=self.ct_reader, **kwargs)
 
     def __call__(self, data: Any, reader: ImageReader | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ from custom_components.geometry import (
     voxel_to_world,
     world_to_voxel,
 )
-from custom_components.io import LoadCTd, SimpleITKReader, read_image
+from custom_components.io import LoadCTd, SimpleITKReader, affine_from_sitk, check_ct_values, read_image
 from tests.conftest import LIDC_0001_UID
+from tests.test_bad_input import dicom_duplicate, dicom_missing
 
 # An oblique, anisotropic, off-origin grid: a rotation about z by 30 degrees followed by a flip of the slice axis.
 _C, _S = np.cos(np.pi / 6), np.sin(np.pi / 6)
@@ -39,6 +41,9 @@ def synthetic_ct(size=(24, 20, 12), seed=0) -> sitk.Image:
 
 
 def load(path, **reader_args):
+    """Read ``path`` through MONAI's ``LoadImaged`` with :class:`SimpleITKReader`; the small test volumes here
+    (a few cm) need ``check_size=False``, the floor itself is tested in tests/test_bad_input.py."""
+    reader_args.setdefault("check_size", False)
     chain = Compose(
         [
             LoadImaged(keys="image", reader=SimpleITKReader(**reader_args), image_only=True, dtype=None),
@@ -73,7 +78,8 @@ def test_reader_matches_simpleitk(tmp_path: Path, suffix: str):
 def test_reader_default_dtype_and_suffixes(tmp_path: Path):
     path = tmp_path / "scan.mha"
     sitk.WriteImage(synthetic_ct(), str(path))
-    chain = Compose([LoadImaged(keys="image", reader=SimpleITKReader(), image_only=True), EnsureChannelFirstd("image")])
+    reader = SimpleITKReader(check_size=False)
+    chain = Compose([LoadImaged(keys="image", reader=reader, image_only=True), EnsureChannelFirstd("image")])
     image = chain({"image": str(path)})["image"]
     assert image.dtype == torch.float32 and image.shape == (1, 24, 20, 12)
     reader = SimpleITKReader()
@@ -122,10 +128,65 @@ def test_dicom_series_matches_mhd(lidc_dir: Path, lidc_0001_dicom: Path):
     np.testing.assert_allclose(dicom.GetSpacing(), mhd.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(dicom.GetDirection(), mhd.GetDirection(), atol=1e-6)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(dicom), sitk.GetArrayViewFromImage(mhd))
+    # the slice checks change nothing on an intact series, and resample_slices has nothing to do there
+    via_monai = LoadCTd(keys="image", dtype=None, resample_slices=True)({"image": str(lidc_0001_dicom)})["image"]
+    np.testing.assert_array_equal(via_monai.numpy(), sitk.GetArrayViewFromImage(mhd).T)
+    np.testing.assert_allclose(via_monai.affine.numpy(), affine_from_sitk(mhd), atol=1e-4)
 
 
-def _write_dicom_series(folder: Path, series_uid: str, slices: int, first_file: int) -> None:
-    """A small axial CT series written slice by slice with SimpleITK (explicit UIDs and positions)."""
+@pytest.mark.parametrize("make", [dicom_duplicate, dicom_missing], ids=["duplicate", "missing"])
+def test_dicom_slices_resampled_onto_true_positions(
+    make, lidc_dir: Path, tmp_path: Path, request, caplog: pytest.LogCaptureFixture
+):
+    """LIDC-IDRI-0001 with slice 66 (z = -175 mm) duplicated, or deleted: refused by default (tests/test_bad_input.py);
+    with resample_slices the volume is the intact scan's grid: a duplicate is dropped (every voxel as the .mhd), a
+    missing slice is interpolated halfway between its neighbours and every other slice is kept as it was."""
+    mhd = read_image(lidc_dir / f"{LIDC_0001_UID}.mhd").image
+    expected = sitk.GetArrayFromImage(mhd)  # (K, J, I)
+    folder = make(tmp_path, request)
+    with caplog.at_level(logging.WARNING):
+        image = LoadCTd(keys="image", dtype=None, resample_slices=True)({"image": str(folder)})["image"]
+    warnings = [r.getMessage() for r in caplog.records if "resample_slices" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{folder}: DICOM series {LIDC_0001_UID}")
+    assert "onto 133 slices 2.5 mm apart" in warnings[0] and "\n" not in warnings[0]
+    np.testing.assert_allclose(image.affine.numpy(), affine_from_sitk(mhd), atol=1e-4)
+    got = image.numpy().T  # (K, J, I)
+    assert got.shape == expected.shape == (133, 512, 512)
+    if make is dicom_missing:
+        halfway = np.rint((expected[65].astype(np.float32) + expected[67]) / 2).astype(np.int16)
+        np.testing.assert_array_equal(got[66], halfway)
+        expected[66] = halfway
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_dicom_duplicate_with_other_voxels_is_refused_even_with_resampling(lidc_dir: Path, tmp_path: Path, request):
+    folder = dicom_duplicate(tmp_path, request)
+    copy = folder / "duplicate.dcm"
+    data = bytearray(copy.read_bytes())
+    data[-2:] = (1200).to_bytes(2, "little")  # the last voxel of the pixel data: same position, other content
+    copy.write_bytes(data)
+    with pytest.raises(InputError, match=r"two different slices lie at the same position -175 mm"):
+        read_image(folder, resample_slices=True)
+
+
+def test_dicom_slices_off_the_normal_or_of_other_orientations(tmp_path: Path):
+    uid = "1.2.826.0.1.3680043.2.1125.33"
+    tilted, rotated = tmp_path / "tilted", tmp_path / "rotated"
+    tilted.mkdir()
+    rotated.mkdir()
+    _write_dicom_series(tilted, uid, slices=5, first_file=0, step=(0.0, 0.5, 2.0))  # a gantry tilted by 14 degrees
+    with pytest.raises(InputError, match=r"tilted: DICOM series .*: slice positions do not follow the slice normal"):
+        read_image(tilted, check_size=False, resample_slices=True)
+    _write_dicom_series(rotated, uid, slices=3, first_file=0, orientation="0\\1\\0\\1\\0\\0")
+    with pytest.raises(InputError, match=r"rotated: DICOM series .*: its slices have different orientations"):
+        read_image(rotated, check_size=False)
+
+
+def _write_dicom_series(
+    folder: Path, series_uid: str, slices: int, first_file: int, step=(0.0, 0.0, 2.0), orientation="1\\0\\0\\0\\1\\0"
+) -> None:
+    """A small axial CT series written slice by slice with SimpleITK (explicit UIDs; slice ``k`` at LPS
+    ``k * step`` mm, ImageOrientationPatient ``orientation`` for all slices but the first, which is axial)."""
     for k in range(slices):
         plane = sitk.GetImageFromArray(np.full((1, 8, 10), -1000 + 400 * k, dtype=np.int16))
         plane.SetSpacing((0.8, 0.8, 2.0))
@@ -135,8 +196,8 @@ def _write_dicom_series(folder: Path, series_uid: str, slices: int, first_file: 
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
             "0020|000e": series_uid,
             "0020|0013": str(k + 1),
-            "0020|0032": f"0\\0\\{2.0 * k}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0032": "\\".join(f"{k * s:g}" for s in step),
+            "0020|0037": orientation if k else "1\\0\\0\\0\\1\\0",
             "0008|0018": f"{series_uid}.{k + 1}",
         }
         for tag, value in tags.items():
@@ -224,9 +285,16 @@ def test_values_not_hounsfield(tmp_path: Path):
     values = np.random.default_rng(0).integers(0, 900, (8, 16, 16)).astype(np.int16)
     sitk.WriteImage(sitk.GetImageFromArray(values), str(mri))
     with pytest.raises(InputError, match=r"t1\.nii\.gz: values are not CT Hounsfield units \(range \[0"):
-        read_image(mri)
+        read_image(mri, check_size=False)
     only_air = tmp_path / "air.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 16, 16), -2048, dtype=np.int16)), str(only_air))
     with pytest.raises(InputError, match=r"air\.nii\.gz: .*only air"):
-        read_image(only_air)
-    assert read_image(mri, check_hu=False).image.GetSize() == (16, 16, 8)
+        read_image(only_air, check_size=False)
+    assert read_image(mri, check_hu=False, check_size=False).image.GetSize() == (16, 16, 8)
+    # NaN never passes the HU rule (an all-NaN volume once gave a clean "0 detections")
+    with pytest.raises(InputError, match=r"x\.nii\.gz: all 8 voxels are NaN or infinite \(8 NaN\)"):
+        check_ct_values(np.full((2, 2, 2), np.nan, dtype=np.float32), "x.nii.gz")
+    lungs_and_nan = np.full((4, 4, 4), -850.0, dtype=np.float32)
+    lungs_and_nan[0, 0, 0], lungs_and_nan[2, 2, 0] = 40.0, np.nan  # (K, J, I), on the rule's every-second-voxel grid
+    with pytest.raises(InputError, match=r"1 NaN voxels of 64, within voxels i 0\.\.0, j 2\.\.2, k 2\.\.2"):
+        check_ct_values(lungs_and_nan, "x.nii.gz")

@@ -1,0 +1,325 @@
+"""Bad input, case by case: each refused with one message naming the file and the problem, never read silently wrong.
+
+``CASES`` is the matrix: ``(kind, make, exit status, message fragment)``. ``make(tmp_path, request)`` writes the
+input and returns its path (it may ask ``request`` for the real-data fixtures, which skip when the data is absent).
+Each case runs
+
+* through the reader every path of the bundle uses (:func:`custom_components.io.read_image`, and MONAI's
+  ``LoadCTd``): refused with :class:`InputError` holding the fragment and the path, or read with a warning;
+* through a real command line in a subprocess (``python -m bundle bench-preprocess --image X``, which reads the
+  scan with ``configs/preprocess.json``'s chain): the exit status, one ``error:`` line naming the file and the
+  problem, no traceback; for accepted inputs, exit 0 and the fragment on stderr (the warning).
+
+Add a row to extend the matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from custom_components.errors import InputError
+from custom_components.io import LoadCTd, read_image
+from tests.conftest import LIDC_0001_UID
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chest_hu(size=(128, 112, 48)) -> np.ndarray:
+    """An int16 chest-like HU volume ``(K, J, I)`` (SimpleITK order) for ``size`` ``(I, J, K)``: air, a 40 HU body
+    and two -850 HU lungs, so that preprocessing finds lungs."""
+    i, j, k = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in size), indexing="ij")
+    hu = np.full(size, -1000, dtype=np.int16)
+    hu[i**2 + j**2 <= 0.8] = 40
+    for centre in (-0.4, 0.4):
+        hu[((i - centre) / 0.3) ** 2 + (j / 0.5) ** 2 + (k / 0.8) ** 2 <= 1] = -850
+    return np.ascontiguousarray(hu.T)
+
+
+def write(path: Path, array: np.ndarray, spacing=(0.8, 0.9, 2.5), compress: bool = False) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-50.0, -60.0, -300.0))
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return path
+
+
+def _lidc_0001(tmp: Path, request: pytest.FixtureRequest, copy_data: bool = False) -> tuple[Path, Path]:
+    """LIDC-IDRI-0001's ``.mhd`` in ``tmp`` with its ``.zraw`` linked (or copied, to be damaged)."""
+    lidc = request.getfixturevalue("lidc_dir")
+    header = tmp / f"{LIDC_0001_UID}.mhd"
+    data = tmp / f"{LIDC_0001_UID}.zraw"
+    shutil.copy(lidc / header.name, header)
+    (shutil.copy if copy_data else os.symlink)(lidc / data.name, data)
+    return header, data
+
+
+def zraw_garbage(tmp: Path, request) -> Path:
+    header, data = _lidc_0001(tmp, request, copy_data=True)
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    data.write_bytes(raw)  # same size: SimpleITK decodes half the slices as garbage without raising
+    return header
+
+
+def zraw_bit_flip(tmp: Path, request) -> Path:
+    header, data = _lidc_0001(tmp, request, copy_data=True)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(raw)
+    return header
+
+
+def spacing_times_20(tmp: Path, request) -> Path:
+    header, _ = _lidc_0001(tmp, request)
+    header.write_text(
+        header.read_text().replace("ElementSpacing = 0.703125 0.703125 2.5", "ElementSpacing = 14.0625 14.0625 50")
+    )
+    return header
+
+
+def raw_truncated(tmp: Path, request) -> Path:
+    path = write(tmp / "scan.mhd", chest_hu())
+    raw = tmp / "scan.raw"
+    raw.write_bytes(raw.read_bytes()[:-4096])
+    return path
+
+
+def raw_too_long(tmp: Path, request) -> Path:
+    path = write(tmp / "scan.mhd", chest_hu())
+    with open(tmp / "scan.raw", "ab") as f:
+        f.write(bytes(128 * 112 * 2))  # one slice more than the header says
+    return path
+
+
+def zraw_too_long(tmp: Path, request) -> Path:
+    path = write(tmp / "scan.mhd", chest_hu(), compress=True)
+    with open(tmp / "scan.zraw", "ab") as f:
+        f.write(b"\0" * 100)
+    return path
+
+
+def nifti_gz_damaged(tmp: Path, request) -> Path:
+    values = chest_hu() + np.random.default_rng(0).integers(-30, 30, chest_hu().shape).astype(np.int16)
+    path = write(tmp / "scan.nii.gz", values)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(data)
+    return path
+
+
+def _nifti_float(tmp: Path, fill: Callable[[np.ndarray], None]) -> Path:
+    values = chest_hu().astype(np.float32)
+    fill(values)
+    return write(tmp / "scan.nii.gz", values)
+
+
+def nan_block(tmp: Path, request) -> Path:
+    def fill(v):
+        v[20:30, 40:50, 60:70] = np.nan  # (K, J, I): k 20..29, j 40..49, i 60..69
+
+    return _nifti_float(tmp, fill)
+
+
+def nan_in_mhd(tmp: Path, request) -> Path:
+    values = chest_hu().astype(np.float32)
+    values[0, 0, :3] = np.nan  # (K, J, I): k 0, j 0, i 0..2
+    return write(tmp / "scan.mhd", values)
+
+
+def nan_in_nii(tmp: Path, request) -> Path:
+    values = chest_hu().astype(np.float32)
+    values[47, 111, 127] = -np.inf  # the last voxel
+    return write(tmp / "scan.nii", values)
+
+
+def header_larger_than_a_body(tmp: Path, request) -> Path:
+    """A NIfTI header declaring 4000^3 voxels of 1 mm and no voxel data: refused from the header alone (reading the
+    voxels would fail, or allocate 238 GiB)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((4000, 4000, 4000))
+    header.set_zooms((1.0, 1.0, 1.0))
+    header.set_sform(np.eye(4), code=1)
+    path = tmp / "scan.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4)  # vox_offset 352: the voxels would start here
+    return path
+
+
+def all_nan(tmp: Path, request) -> Path:
+    return _nifti_float(tmp, lambda v: v.fill(np.nan))
+
+
+def one_inf(tmp: Path, request) -> Path:
+    def fill(v):
+        v[5, 6, 7] = np.inf
+
+    return _nifti_float(tmp, fill)
+
+
+def two_slices(tmp: Path, request) -> Path:
+    return write(tmp / "scan.mhd", chest_hu((512, 512, 2)), spacing=(0.7, 0.7, 2.5))
+
+
+def five_cubed(tmp: Path, request) -> Path:
+    return write(tmp / "scan.nii.gz", chest_hu((5, 5, 5)), spacing=(1.0, 1.0, 1.0))
+
+
+def larger_than_a_body(tmp: Path, request) -> Path:
+    return write(tmp / "scan.mhd", chest_hu((300, 300, 40)), spacing=(8.0, 8.0, 2.5))
+
+
+def slices_10mm(tmp: Path, request) -> Path:
+    return write(tmp / "scan.mhd", chest_hu((128, 112, 24)), spacing=(0.8, 0.9, 10.0))
+
+
+def _dicom_copy(tmp: Path, request) -> tuple[Path, list[Path]]:
+    """A copy of the LIDC-IDRI-0001 series folder and its slice files in order of position (inferior first)."""
+    source = next(
+        p for p in request.getfixturevalue("lidc_0001_dicom").rglob("*") if p.is_dir() and any(p.glob("*.dcm"))
+    )
+    folder = tmp / "series"
+    shutil.copytree(source, folder)
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    return folder, [Path(f) for f in files]
+
+
+def _tag(path: Path, tag: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetMetaData(tag).strip()
+
+
+def dicom_duplicate(tmp: Path, request) -> Path:
+    folder, files = _dicom_copy(tmp, request)
+    middle = files[66]
+    sop = _tag(middle, "0008|0018")
+    other = sop[:-1] + ("1" if sop[-1] != "1" else "2")  # same length: the file stays valid DICOM
+    (folder / "duplicate.dcm").write_bytes(middle.read_bytes().replace(sop.encode(), other.encode()))
+    return folder
+
+
+def dicom_missing(tmp: Path, request) -> Path:
+    folder, files = _dicom_copy(tmp, request)
+    files[66].unlink()
+    return folder
+
+
+def dicom_uneven(tmp: Path, request) -> Path:
+    folder, files = _dicom_copy(tmp, request)
+    position = _tag(files[66], "0020|0032")  # "-166.000000\-171.699997\-175.000000"
+    x, y, z = position.split("\\")
+    moved = f"{float(z) + 0.5:.6f}"
+    assert len(moved) == len(z)
+    data = files[66].read_bytes()
+    files[66].write_bytes(data.replace(position.encode(), f"{x}\\{y}\\{moved}".encode()))
+    return folder
+
+
+# (kind, make, exit status of the command, fragment of the message: the error line, or the warning for status 0)
+CASES = [
+    (
+        "zraw-garbage-bytes",
+        zraw_garbage,
+        2,
+        ".zraw is damaged (zlib: Error -3 while decompressing data: invalid stored block lengths; after ",
+    ),
+    (
+        "zraw-one-bit-flipped",
+        zraw_bit_flip,
+        2,
+        "incorrect data check; the decoded voxels are not those that were written)",
+    ),
+    ("raw-truncated", raw_truncated, 2, "data file scan.raw is truncated"),
+    ("raw-too-long", raw_too_long, 2, "data file scan.raw is too long"),
+    ("zraw-too-long", zraw_too_long, 2, "data file scan.zraw is too long"),
+    ("nifti-gz-damaged", nifti_gz_damaged, 2, "scan.nii.gz is damaged (zlib:"),
+    ("nan-block", nan_block, 2, "1000 NaN voxels of 688128, within voxels i 60..69, j 40..49, k 20..29"),
+    ("nan-in-mhd", nan_in_mhd, 2, "3 NaN voxels of 688128, within voxels i 0..2, j 0..0, k 0..0"),
+    ("inf-in-nii", nan_in_nii, 2, "1 infinite voxels of 688128, within voxels i 127..127, j 111..111, k 47..47"),
+    ("all-nan", all_nan, 2, "all 688128 voxels are NaN or infinite"),
+    ("one-inf", one_inf, 2, "1 infinite voxels of 688128, within voxels i 7..7, j 6..6, k 5..5"),
+    ("two-slices", two_slices, 2, "covers only 5 mm along k (2 voxels of 2.5 mm"),
+    ("5x5x5", five_cubed, 2, "covers only 5 mm along i (5 voxels of 1 mm"),
+    ("spacing-x20", spacing_times_20, 2, "voxel spacing 14.06 x 14.06 x 50 mm is coarser than any CT"),
+    ("larger-than-a-body", larger_than_a_body, 2, "cover 2400 x 2400 x 100 mm (576 l), larger than any body"),
+    ("header-larger-than-a-body", header_larger_than_a_body, 2, "cover 4000 x 4000 x 4000 mm (6.4e+04 l)"),
+    ("slices-10mm", slices_10mm, 0, "voxel spacing 0.8 x 0.9 x 10 mm is coarser than 5 mm"),
+    ("dicom-duplicate-slice", dicom_duplicate, 2, "1 duplicated position(s) -175 mm ("),
+    ("dicom-missing-slice", dicom_missing, 2, "1 gap(s) where slices are missing, -177.5 to -172.5 mm"),
+    ("dicom-uneven-spacing", dicom_uneven, 2, "uneven spacing, 3 mm from -177.5 to -174.5 mm"),
+]
+IDS = [case[0] for case in CASES]
+
+
+@pytest.mark.parametrize("kind, make, status, fragment", CASES, ids=IDS)
+def test_reader(kind, make, status, fragment, tmp_path: Path, request, caplog: pytest.LogCaptureFixture):
+    path = make(tmp_path, request)
+    if status == 0:
+        with caplog.at_level(logging.WARNING):
+            read_image(path)
+        warnings = [r.getMessage() for r in caplog.records if fragment in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].startswith(str(path)) and "\n" not in warnings[0]
+        return
+    with pytest.raises(InputError) as err:
+        read_image(path)
+    message = str(err.value)
+    assert fragment in message and message.startswith(str(path)) and "\n" not in message
+    with pytest.raises(InputError, match="^" + re.escape(message) + "$"):
+        LoadCTd(keys="image")({"image": str(path)})
+
+
+@pytest.mark.parametrize("kind, make, status, fragment", CASES, ids=IDS)
+def test_command_line(kind, make, status, fragment, tmp_path: Path, request):
+    path = make(tmp_path, request)
+    run = subprocess.run(
+        [sys.executable, "-m", "bundle", "bench-preprocess", "--image", str(path), "--repeats", "1", "--threads", "1"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == status, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    if status == 0:
+        assert fragment in run.stderr
+        return
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr[-2000:]
+    assert errors[0].startswith(f"error: {path}: ") and fragment in errors[0]
+
+
+BACKGROUNDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "backgrounds"
+
+
+def test_real_scans_pass_unchanged_on_the_fast_path(
+    lidc_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The four real chest CTs (5 mm slices included) pass every check without a warning, and their ``.zraw``
+    checksums match SimpleITK's voxels: the stream is never inflated a second time."""
+    import custom_components.compressed_data as compressed_data
+
+    def no_second_inflate(*args, **kwargs):
+        raise AssertionError("the checksum fast path missed an intact .zraw")
+
+    monkeypatch.setattr(compressed_data, "_inflate", no_second_inflate)
+    scans = sorted(lidc_dir.glob("*.mhd")) + sorted(BACKGROUNDS.glob("*/image.mhd"))
+    with caplog.at_level(logging.WARNING):
+        for scan in scans:
+            image = read_image(scan).image
+            np.testing.assert_array_equal(
+                sitk.GetArrayViewFromImage(image), sitk.GetArrayFromImage(sitk.ReadImage(str(scan)))
+            )
+    assert len(scans) >= 2 and not caplog.records
