@@ -61,6 +61,7 @@ HYBRID_UID_ROOT = UID_ROOT + ".9"
 AIR_HU = -400.0  # lung / soft tissue threshold, as the preprocessing's lung mask (transforms.lung_mask)
 DENSE_HU = -300.0  # vessels, airway walls, lesions inside the lung (smoothed HU above)
 MIN_LUNG_ML = 300.0  # a chest CT shows at least this much lung
+OUTPUT_LUNG_ML = 100.0  # a varied (cropped, rescaled) scan keeps at least this much: the preprocessing's own floor
 MIN_FOV_MM = 120.0  # smallest in-plane field of view of a chest CT
 SLICE_SPACINGS_MM = (1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
 KIND_P = {"solid": 0.6, "part-solid": 0.2, "ground-glass": 0.2}  # nodules of 6 mm and more
@@ -119,10 +120,10 @@ def default_tables(repo_root: str | os.PathLike) -> tuple[Path | None, Path | No
     return tuple(p if p.is_file() else None for p in tables)  # type: ignore[return-value]
 
 
-def _enclosed_air(volume: np.ndarray, spacing: np.ndarray) -> np.ndarray | None:
+def _enclosed_air(volume: np.ndarray, spacing: np.ndarray, min_ml: float = MIN_LUNG_ML) -> np.ndarray | None:
     """The lungs as air: the one or two largest components below :data:`AIR_HU` not touching the in-plane border
     (the preprocessing's rule, ``transforms.lung_mask``), holes filled per slice (vessels, central nodules), no hull.
-    ``volume`` ``(k, j, i)``, ``spacing`` ``(z, y, x)`` mm. None when they hold under :data:`MIN_LUNG_ML`."""
+    ``volume`` ``(k, j, i)``, ``spacing`` ``(z, y, x)`` mm. None when they hold under ``min_ml``."""
     labels, count = ndimage.label(volume < AIR_HU)
     if count == 0:
         return None
@@ -132,7 +133,7 @@ def _enclosed_air(volume: np.ndarray, spacing: np.ndarray) -> np.ndarray | None:
     sizes[border] = 0
     order = np.argsort(sizes)[::-1][:2]
     keep = [order[0]] + ([order[1]] if count > 1 and sizes[order[1]] >= 0.2 * sizes[order[0]] else [])
-    if sizes[keep].sum() * np.prod(spacing) / 1000.0 < MIN_LUNG_ML:
+    if sizes[keep].sum() * np.prod(spacing) / 1000.0 < min_ml:
         return None
     return ndimage.binary_fill_holes(np.isin(labels, keep), structure=_IN_SLICE)
 
@@ -142,8 +143,17 @@ def lung_region(lungs: np.ndarray, spacing: np.ndarray, radius_mm: float = 20.0)
     narrower than the disc, i.e. pleural-based lesions up to about its diameter (and the hilum). Distance transforms
     with a huge z spacing do the 2D closing in one call. ``spacing`` ``(z, y, x)`` mm."""
     planar = (1e6, float(spacing[1]), float(spacing[2]))
-    dilated = ndimage.distance_transform_edt(~lungs, sampling=planar) <= radius_mm
-    return ndimage.distance_transform_edt(dilated, sampling=planar) > radius_mm
+    out = np.zeros_like(lungs)
+    if not lungs.any():
+        return out
+    # only the lungs' box (plus the disc's reach) can change: the transforms run on that box alone
+    reach = [0] + [int(np.ceil(radius_mm / s)) + 2 for s in spacing[1:]]
+    box = tuple(
+        slice(max(int(idx.min()) - r, 0), int(idx.max()) + r + 1) for idx, r in zip(np.nonzero(lungs), reach)
+    )
+    dilated = ndimage.distance_transform_edt(~lungs[box], sampling=planar) <= radius_mm
+    out[box] = ndimage.distance_transform_edt(dilated, sampling=planar) > radius_mm
+    return out
 
 
 def find_own_lesions(
@@ -253,7 +263,7 @@ def load_background(
         seriesuid=uid,
         image=array,
         affine=affine,
-        thickness_mm=estimate_imaging(array, tuple(spacing)).thickness_mm,
+        thickness_mm=float(spacing[2]),
         lung_box=(np.asarray(lung_box[0]), np.asarray(lung_box[1])),
         nodules=[list(r) for r in (annotations or {}).get(uid or "", [])],
         excluded=[list(r) for r in (excluded or {}).get(uid or "", [])],
@@ -298,6 +308,13 @@ def _vary(
     margin = rng.uniform(5.0, 25.0, size=(2, 2))
     box_lo[:2] -= margin[0]
     box_hi[:2] += margin[1]
+    # stay inside the background along z (less the tilt of the rotation over the field of view): beyond it there
+    # is nothing to resample, and a slab of padding would join the lungs to the air around the body
+    z_first = background.affine[2, 3]
+    z_last = z_first + background.affine[2, 2] * (background.image.shape[0] - 1)
+    tilt = 0.06 * float(np.max(box_hi[:2] - box_lo[:2])) + spacing_bg[2]
+    box_lo[2] = max(box_lo[2], min(z_first, z_last) + tilt)
+    box_hi[2] = min(box_hi[2], max(z_first, z_last) - tilt)
     height = box_hi[2] - box_lo[2]
     if max_size_mm is not None and height > max_size_mm:
         box_lo[2] = box_lo[2] + rng.uniform(0.0, height - max_size_mm)
@@ -322,8 +339,7 @@ def _vary(
     flip_axes = np.eye(4)[[2, 1, 0, 3]]
     kji = flip_axes @ ijk @ flip_axes
     volume = ndimage.affine_transform(
-        source, kji[:3, :3], kji[:3, 3], output_shape=grid.shape, order=1, cval=float(HU_RANGE[0]),
-        prefilter=False,
+        source, kji[:3, :3], kji[:3, 3], output_shape=grid.shape, order=1, mode="nearest",
     )  # fmt: skip
     variation = {
         "flip": flip, "scale": round(scale, 4), "slice_mm": slice_mm, "pixel_mm": round(pixel_mm, 4),
@@ -391,7 +407,7 @@ def _place(
 def _site_maps(volume: np.ndarray, grid: ScanGrid) -> dict[str, np.ndarray] | None:
     """Distance maps for placement (see :func:`_place`); None when the varied scan shows no lungs."""
     spacing = np.asarray(grid.spacing)[::-1]
-    lungs = _enclosed_air(volume, spacing)
+    lungs = _enclosed_air(volume, spacing, min_ml=OUTPUT_LUNG_ML)
     if lungs is None:
         return None
     smooth = ndimage.gaussian_filter(volume, (0.0, 1.0, 1.0))
@@ -440,9 +456,11 @@ def make_hybrid_scan(
     taken += [(np.array(r[:3]), r[3] / 2.0) for r in inside(to_output(background.avoid))]
     maps = _site_maps(volume, grid)
     if maps is None:
-        raise InputError(f"{background.path}: the lungs vanish when cropped (lungs under {MIN_LUNG_ML:g} ml)")
-    imaging = estimate_imaging(volume, grid.spacing)
-    imaging = Imaging(imaging.psf_mm, max(imaging.thickness_mm, variation["thickness_mm"]), imaging.noise_hu)
+        raise InputError(f"{background.path}: the lungs vanish when cropped (lungs under {OUTPUT_LUNG_ML:g} ml)")
+    # in-plane PSF and noise as measured on the varied scan (the resampling blurs a little); the slice thickness as
+    # made (resampling along z correlates neighbouring slices, which the noise-based estimate would read as thickness)
+    measured = estimate_imaging(volume, grid.spacing)
+    imaging = Imaging(measured.psf_mm, variation["thickness_mm"], measured.noise_hu, measured.noise_kernel)
     lesions: list[Lesion] = []
     attachments: list[str] = []
     count = sample_nodule_count(rng)
