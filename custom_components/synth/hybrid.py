@@ -174,7 +174,7 @@ def find_own_lesions(
     region = lung_region(lungs, spacing)
     dense = region & (volume > DENSE_HU)
     inside = ndimage.distance_transform_edt(dense, sampling=spacing)
-    labels, count = ndimage.label(inside >= 4.0)
+    labels, _ = ndimage.label(inside >= 4.0)
     lesions, compact = [], []
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         core = labels[box] == index

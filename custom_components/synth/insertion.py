@@ -1,23 +1,24 @@
 """Inserting a synthetic lesion into a real CT scan as the scanner would have imaged it.
 
-A lesion is rendered on a fine grid (about 0.3 mm) around it, blurred by the scan's own point-spread function
-(in-plane Gaussian) and slice sensitivity profile (a box of the slice thickness along z), averaged over each voxel's
-extent, and **added to the real voxels as a HU difference**. Nothing of the real scan is replaced or masked, so the
-scan's own noise, with its own texture (noise-power spectrum), runs unbroken across the lesion and its surroundings:
-there is no patch boundary to see.
+The lesion is rendered on a fine grid (about 0.3 mm) around it and passed through the scan's own imaging: an
+in-plane Gaussian point-spread function and a box slice-sensitivity profile of the slice thickness along z
+(both measured on, or known for, the scan, :func:`estimate_imaging`), then averaged over each voxel's extent. How
+the imaged lesion meets the real voxels depends on what it is:
 
-The difference is that of replacing the tissue the lesion occupies (a smoothed, i.e. denoised, copy ``S`` of the
-scan) by the lesion's density ``hu``, where the lesion is denser: ``D = occupancy * max(hu - S, 0)`` on the fine grid,
-then blurred and averaged. The ``max`` makes a ground-glass lesion (about -450 HU) fill the aerated lung around the
-vessels running through it without erasing them (a vessel at +40 HU is denser than the lesion and stays), while a
-solid lesion (+20..+80 HU) takes in the vessels it engulfs, as a real solid nodule does; where a lesion lies against
-the chest wall or a vessel of its own density nothing changes, so attached lesions merge with the wall or vessel.
+- **Ground-glass** (and the halo of a part-solid nodule) is translucent: it adds density to the aerated lung and
+  leaves what is denser alone. With ``S`` the tissue without noise (a 5 x 5 in-plane median of the scan, which keeps
+  the edges of vessels and chest wall in place), the fine-grid difference is ``occupancy * max(hu - S, 0)``; once
+  imaged it is **added** to the real voxels. Vessels running through the lesion (denser than it) stay as they were,
+  and the scan's own noise stays everywhere. Replacing ``S`` removes the low-frequency share of the noise that ``S``
+  carries; that share is put back with fresh noise of the scan's texture, low-passed alike.
+- **Solid** tissue (a solid nodule, a part-solid core, spicules) is opaque: the imaged solid fraction ``w`` of each
+  voxel (its partial volume after the blur) replaces the voxel, ``v + w * (hu - v)``, wherever the tissue is not
+  already as dense (the chest wall and large vessels a juxta-pleural or juxta-vascular nodule touches stay, so the
+  lesion merges with them), and the noise it replaced is put back as ``sqrt(w * (2 - w))`` times fresh noise of the
+  scan's texture and level. ``(1 - w)**2 + w * (2 - w) = 1``: the noise variance is the same inside, across the
+  edge and outside.
 
-Replacing ``S`` removes the part of the scan's noise that survives in ``S`` (its low-frequency share, a few percent
-to a third of the variance depending on the kernel); that share is put back with noise drawn with the scan's own
-in-plane correlation and level (:func:`estimate_imaging`) and low-passed like ``S``, weighted so the noise variance
-stays constant across the lesion edge. The inside of the lesion therefore carries the scan's noise at the scan's
-level, not a noise-free patch.
+So no voxel outside the imaged lesion changes (no patch boundary, no seam) and no voxel inside is noise-free.
 
 Arrays are numpy in SimpleITK order ``(k, j, i)`` on a :class:`~custom_components.synth.raster.ScanGrid` (identity
 direction); world coordinates are LPS mm.
@@ -47,17 +48,12 @@ class Imaging:
     """How a scan images: in-plane PSF ``psf_mm`` (Gaussian sigma), slice ``thickness_mm`` (box slice sensitivity
     profile), noise standard deviation ``noise_hu`` (of a voxel, in soft tissue) and ``noise_kernel``, the in-plane
     ``(2 R + 1, 2 R + 1)`` filter (``R`` = :data:`KERNEL_RADIUS`) that turns unit white noise into the scan's noise
-    (its texture and level). Compare with ``==`` only through :meth:`summary`."""
+    (its texture and level)."""
 
     psf_mm: float
     thickness_mm: float
     noise_hu: float
     noise_kernel: np.ndarray
-
-    def summary(self) -> dict:
-        """The scalar figures, rounded, for reports."""
-        return {"psf_mm": round(self.psf_mm, 3), "thickness_mm": round(self.thickness_mm, 3),
-                "noise_hu": round(self.noise_hu, 2)}  # fmt: skip
 
 
 @dataclass(frozen=True)
