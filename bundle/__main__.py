@@ -14,6 +14,7 @@ import fire
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("bundle.synth", "synth", "write a synthetic chest-CT cohort in LUNA16's format"),
+    "insert-nodules": ("bundle.insert_nodules", "insert_nodules", "real chest CTs with synthetic nodules inserted"),
     "prepare-luna16": ("bundle.prepare_luna16", "prepare_luna16", "LUNA16-style folder -> datalist JSON"),
     "froc": ("bundle.froc", "froc", "score a submission CSV as LUNA16 does (FROC[luna], FROC[new])"),
     "bench-preprocess": ("bundle.bench_preprocess", "bench_preprocess", "time and memory of preprocessing a scan"),
