@@ -5,14 +5,21 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from custom_components.luna16 import build_datalist, write_datalist
+from typing import Sequence
+
+from custom_components.errors import InputError
+from custom_components.luna16 import build_datalist, merge_datalists, write_datalist
 
 
-def prepare_luna16(luna_root: str, out: str, annotations: str | None = None, excluded: str | None = None) -> None:
+def prepare_luna16(
+    luna_root: str | Sequence[str], out: str, annotations: str | None = None, excluded: str | None = None
+) -> None:
     """Write ``<out>/datalist.json`` (or ``out`` itself when it ends in ``.json``) and print a summary.
 
     Args:
-        luna_root: folder with ``subset0..9/<seriesuid>.mhd`` (any of them) and/or flat ``<seriesuid>.mhd`` files.
+        luna_root: folder with ``subset0..9/<seriesuid>.mhd`` (any of them) and/or flat ``<seriesuid>.mhd`` files,
+            each with its own tables; several, comma-separated (``--luna-root a,b``), give one datalist of all their
+            scans (e.g. the synthetic and the hybrid cohorts of the demo).
         out: output folder, or the datalist's path when it ends in ``.json``.
         annotations: nodule table (default: ``annotations.csv`` in ``luna_root`` or its ``CSVFILES/``).
         excluded: irrelevant findings (default: ``annotations_excluded.csv`` found the same way).
@@ -20,7 +27,11 @@ def prepare_luna16(luna_root: str, out: str, annotations: str | None = None, exc
     out_path = Path(out)
     if out_path.suffix.lower() != ".json":
         out_path = out_path / "datalist.json"
-    datalist = build_datalist(luna_root, annotations=annotations, excluded=excluded)
+    roots = luna_root.split(",") if isinstance(luna_root, str) else [str(r) for r in luna_root]
+    if len(roots) > 1 and (annotations or excluded):
+        raise InputError("--annotations/--excluded name one root's tables: give one --luna-root with them")
+    parts = [build_datalist(root, annotations=annotations, excluded=excluded) for root in roots]
+    datalist = parts[0] if len(parts) == 1 else merge_datalists(parts)
     write_datalist(datalist, out_path)
     scans = datalist["scans"]
     per_fold: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])

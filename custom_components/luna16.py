@@ -15,7 +15,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ __all__ = [
     "find_scans",
     "fold_of",
     "build_datalist",
+    "merge_datalists",
     "write_datalist",
 ]
 
@@ -156,6 +157,26 @@ def build_datalist(
         for uid, (path, subset) in sorted(scans.items())
     ]
     return {"name": name or root.name, "root": str(root), "scans": entries}
+
+
+def merge_datalists(datalists: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One datalist of the scans of several (each scan keeps the fold its own root gave it). Raises
+    :class:`InputError` when a seriesuid appears in two of them."""
+    seen: dict[str, str] = {}
+    scans = []
+    for datalist in datalists:
+        for scan in datalist["scans"]:
+            if scan["seriesuid"] in seen:
+                raise InputError(
+                    f"{datalist['root']}: seriesuid {scan['seriesuid']} is also under {seen[scan['seriesuid']]}"
+                )
+            seen[scan["seriesuid"]] = datalist["root"]
+            scans.append(scan)
+    return {
+        "name": "+".join(d["name"] for d in datalists),
+        "root": ", ".join(d["root"] for d in datalists),
+        "scans": sorted(scans, key=lambda s: s["seriesuid"]),
+    }
 
 
 def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -31,8 +31,9 @@ class ScanDetections:
 
     Attributes:
         world: ``(N, 4)`` float64 rows ``(x, y, z, d)``: centre in LPS world mm of the original scan, diameter in mm.
-        scores: ``(N,)`` float64 noduleness in [0, 1].
-        cubes: ``(N, 4)`` float64 rows ``(ci, cj, ck, d)`` in voxel indices of the preprocessed volume the detector saw.
+        scores: ``(N,)`` noduleness in [0, 1] (float32, as the detector gives it).
+        cubes: ``(N, 4)`` rows ``(ci, cj, ck, d)`` in voxel indices of the preprocessed volume the detector saw
+            (float32, as the detector gives them).
     """
 
     world: np.ndarray
@@ -42,7 +43,7 @@ class ScanDetections:
     @property
     def marks(self) -> np.ndarray:
         """LUNA16 marks: ``(N, 4)`` rows ``(x, y, z, probability)``, LPS world mm."""
-        return np.column_stack([self.world[:, :3], self.scores])
+        return np.column_stack([self.world[:, :3], self.scores]).astype(np.float64)
 
 
 def detect_scan(
@@ -66,8 +67,8 @@ def detect_scan(
     volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
     volume = volume.reshape(1, 1, *volume.shape[-3:]).to(device=device, dtype=torch.float32)
     result = detector(volume, use_inferer=use_inferer)[0]
-    cubes = result[detector.cube_key].cpu().numpy().astype(np.float64).reshape(-1, 4)
-    scores = result[detector.pred_score_key].cpu().numpy().astype(np.float64)
+    cubes = result[detector.cube_key].cpu().numpy().reshape(-1, 4)
+    scores = result[detector.pred_score_key].cpu().numpy()
     return ScanDetections(world=_to_world(cubes, affine), scores=scores, cubes=cubes)
 
 

@@ -287,7 +287,7 @@ def test_bad_background_is_one_clear_error(tmp_path: Path, make: str, message: s
     if make == "unreadable":
         path.write_text("this is not a MetaImage header\n")
     else:
-        z, y, x = np.mgrid[:40, :200, :200]
+        z, y, x = np.mgrid[:60, :200, :200]  # 120 mm along z: past the reader's 100 mm chest floor
         if make == "not_ct":  # an MRI-like volume: positive intensities only
             array = (400 + 300 * np.sin(x / 9.0) * np.cos(y / 13.0)).astype(np.int16)
         else:  # a water cylinder in air: a body, no lungs

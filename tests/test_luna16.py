@@ -125,3 +125,25 @@ def test_cli_prepare_luna16(tmp_path: Path):
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {root / 'annotations.csv'}: row 2: coordZ is 'x', not a finite number"]
     assert "Traceback" not in failed.stderr
+
+
+def test_cli_prepare_luna16_joins_several_roots(tmp_path: Path):
+    """The demo's synthetic and hybrid cohorts: two roots, one datalist, each scan with its own root's rows; a
+    seriesuid under both roots is one error line."""
+    first = _fake_luna(tmp_path / "first")
+    second = tmp_path / "second"
+    (second / "subset1").mkdir(parents=True)
+    (second / "subset1" / "1.2.840.2.5.mhd").write_text("")
+    (second / "annotations.csv").write_text(HEADER + "1.2.840.2.5,5,6,7,8\n")
+    done = _cli("prepare-luna16", "--luna-root", f"{first},{second}", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    scans = {s["seriesuid"]: s for s in load_datalist(tmp_path / "out" / "datalist.json")["scans"]}
+    assert set(scans) == {UID_A, UID_B, UID_C, "1.2.840.2.5"}
+    assert scans["1.2.840.2.5"]["nodules"] == [[5.0, 6.0, 7.0, 8.0]] and scans["1.2.840.2.5"]["fold"] == 0
+    assert scans[UID_A]["nodules"] == [[1.0, 2.0, 3.0, 4.5], [-10.0, 20.5, -30.0, 12.0]]
+    (second / "subset1" / f"{UID_C}.mhd").write_text("")
+    failed = _cli("prepare-luna16", "--luna-root", f"{first},{second}", "--out", str(tmp_path / "out2"))
+    assert failed.returncode == 2
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {second.resolve()}: seriesuid {UID_C} is also under {first.resolve()}"]
+    assert "Traceback" not in failed.stderr
