@@ -444,6 +444,24 @@ class SeparableSpacingd(Spacingd):
         super().__init__(*args, **kwargs)
         self.spacing_transform.sp_resample = SeparableSpatialResample(lazy=self.lazy)
 
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        """``Spacingd.__call__``, with the entries named ``<key>_...`` that are not meta dicts held aside.
+
+        For a NIfTI input ``Spacingd`` calls ``.update(meta)`` on every entry whose name starts with ``<key>_``,
+        taking each for a meta dict; MONAI Label's inference request adds ``image_path`` (a string), which made
+        every NIfTI study fail with ``AttributeError: 'str' object has no attribute 'update'``.
+        """
+        held = {
+            name: value
+            for name, value in data.items()
+            if isinstance(name, str)
+            and not isinstance(value, Mapping)
+            and any(name.startswith(f"{key}_") for key in self.keys)
+        }
+        out = super().__call__({name: value for name, value in data.items() if name not in held}, lazy)
+        out.update(held)
+        return out
+
 
 class SeparableResampleToMatchd(ResampleToMatchd):
     """``monai.transforms.ResampleToMatchd`` with :class:`SeparableSpatialResample`'s fast path (e.g. the coarse lung
