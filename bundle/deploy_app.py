@@ -43,7 +43,7 @@ import torch
 from holoscan.logger import LogLevel, set_log_level
 from monai.bundle import ConfigParser
 from monai.deploy.conditions import CountCondition
-from monai.deploy.core import Application, ConditionType, Fragment, Image, Operator, OperatorSpec
+from monai.deploy.core import Application, Fragment, Image, Operator, OperatorSpec
 from monai.deploy.core.domain.dicom_series_selection import StudySelectedSeries
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
 from monai.transforms import Compose
@@ -264,7 +264,8 @@ class NoduleDetectionOperator(Operator):
         result = self.detector(image[None].to(self.device), use_inferer=self.use_inferer)[0]
         cubes = result[self.detector.cube_key].cpu().numpy()
         scores = result[self.detector.pred_score_key].cpu().numpy()
-        world = nodules_voxel_to_world(cubes, np.asarray(image.affine, dtype=np.float64)) if len(cubes) else np.zeros((0, 4))
+        affine = np.asarray(image.affine, dtype=np.float64)
+        world = nodules_voxel_to_world(cubes, affine) if len(cubes) else np.zeros((0, 4))
         return {
             "seriesuid": seriesuid_of(image, path),
             "image_path": path,

@@ -119,7 +119,8 @@ def test_app_on_lidc_dicom_writes_what_the_bundle_writes(app_and_bundle_outputs:
     assert {k: v for k, v in got.items() if k not in ("box", "label_scores")} == {
         k: v for k, v in want.items() if k not in ("box", "label_scores")}
     assert got["label_scores"] == want["label_scores"]
-    assert _by_value(list(zip(got["box"], got["label_scores"]))) == _by_value(list(zip(want["box"], want["label_scores"])))
+    assert _by_value(list(zip(got["box"], got["label_scores"]))) == _by_value(
+        list(zip(want["box"], want["label_scores"])))
 
     got, want = (json.loads((folder / f"{LIDC_0001_UID}.mrk.json").read_text()) for folder in (out, ref))
     points = [m.pop("controlPoints") for m in got["markups"] + want["markups"]]

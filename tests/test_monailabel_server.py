@@ -54,7 +54,8 @@ def _importable(name: str) -> bool:
 
 _require_label_environment()
 
-TORCHVISION_STAND_IN = '''"""Stand-in for torchvision (no CPU build for torch 2.13): MONAI Label imports it, the detection path never calls it."""
+TORCHVISION_STAND_IN = '''"""Stand-in for torchvision (no CPU build for torch 2.13): MONAI Label imports it, the detection
+path never calls it."""
 '''
 TORCHVISION_UTILS_STAND_IN = '''def make_grid(*args, **kwargs):
     raise RuntimeError("torchvision is a stand-in here (MONAI Label's 2-D overlays need the real one)")
