@@ -156,7 +156,8 @@ def test_structured_report_references_the_series_and_holds_the_csv_points(app_an
         surface = group.roi
         assert surface.graphic_type == hd.sr.GraphicTypeValues3D.POINT
         assert surface.frame_of_reference_uid == source[0].FrameOfReferenceUID
-        points.append(np.asarray(surface.value, dtype=np.float64).reshape(3))
+        assert surface.source_series_for_segmentation.value == LIDC_0001_UID
+        points.append(np.asarray(surface.graphic_data, dtype=np.float64).reshape(3))
         diameter = group.get_measurements(name=hd.sr.CodedConcept("81827009", "SCT", "Diameter"))[0]
         assert diameter.unit.value == "mm" and diameter.value == pytest.approx(boxes["box"][rank - 1][3], abs=1e-3)
         noduleness = group.get_measurements(name=NODULENESS)[0]
