@@ -1,154 +1,77 @@
-"""A MONAI Deploy-style application: a CT scan (DICOM series folder or image file) in, nodule detections out.
+"""The bundle as a MONAI Deploy App SDK application: a CT series (DICOM folder) or scan file in, nodule detections out.
 
-Run it on an exported TorchScript network (``models/model.ts``, see ``docs/monai_deploy.md``)::
+Run it on an exported TorchScript network (``models/model.ts``, see ``docs/monai_deploy.md``) in the MONAI Deploy
+environment (``requirements-deploy.txt``)::
 
-    python -m bundle.deploy_app --input <dicom folder|scan file|folder of scans> --output <dir> --model models/model.ts
+    python -m bundle.deploy_app --input <DICOM series folder | .mhd/.nii.gz file> --output <dir> --model models/model.ts
 
-The structure is the MONAI Deploy App SDK's (>= 0.6, Holoscan-based): an :class:`Application` subclass whose
-:meth:`~NoduleDetectionApp.compose` creates operators and joins their ports with ``add_flow``, and operators with
-``setup(spec)`` declaring ports and ``compute(op_input, op_output, context)`` doing the work. The SDK itself is not
-used: ``monai-deploy-app-sdk`` >= 0.6 requires ``holoscan-cu13`` (a CUDA runtime) and ``tritonclient[all]``, which
-neither install nor run on the CPU-only machines this bundle is tested on, and 0.5.x has an older, decorator-based
-API. The few classes below (:class:`OperatorSpec`, :class:`InputContext`, :class:`OutputContext`,
-:class:`Operator`, :class:`Application`) reproduce the calls the operators make, in plain Python, running the
-operators once each in ``add_flow`` order; to move to the SDK, import those names from ``monai.deploy.core`` and
-construct operators with the fragment as first argument (``NoduleDetectionOperator(self, model_path=...)``).
+The graph (``NoduleDetectionApp.compose``), on the SDK's Holoscan runtime:
 
-Everything the network needs comes out of the TorchScript file: ``ckpt_export`` embeds ``metadata.json`` (the input
-key, the channels) and ``inference.json`` (the preprocessing chain and the detector's settings), which
-:class:`NoduleDetectionOperator` reads through ``torch.jit.load(..., _extra_files=...)``. Coordinates: detections
-are computed as voxel cubes ``(ci, cj, ck, d)`` of the preprocessed volume and written in **LPS** world mm of the
-input scan (see ``docs/conventions.md``).
+- DICOM folder: the SDK's ``DICOMDataLoaderOperator`` -> :class:`CTSeriesSelectorOperator` (the SDK's
+  ``DICOMSeriesSelectorOperator`` with CT rules, requiring exactly one CT series) -> the SDK's
+  ``DICOMSeriesToVolumeOperator`` (LPS affine) -> :class:`NoduleDetectionOperator` -> :class:`DetectionWriterOperator`;
+- scan file: :class:`NoduleDetectionOperator` reads the path itself -> :class:`DetectionWriterOperator`.
+
+The SDK's generic ``MonaiBundleInferenceOperator`` cannot run this bundle: it keeps the bundle's own loader and runs
+a ``SimpleInferer`` on the network, where detection needs the ``detector`` (regression anchors, box decoding, NMS).
+:class:`NoduleDetectionOperator` therefore runs the embedded ``inference.json``'s ``preprocessing`` and ``detector``
+as ``monai.bundle run --config_file configs/inference.json`` does. Coordinates: detections are voxel cubes
+``(ci, cj, ck, d)`` of the preprocessed volume, written in **world LPS mm** of the input (DICOM patient coordinates,
+``docs/conventions.md``).
+
+Bad input (no DICOM series, several series, no CT series, values that are not Hounsfield units, a model file without
+the embedded configs) ends with one ``error: ...`` line and exit status 2, and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
 import sys
-from collections.abc import Iterable
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import SimpleITK as sitk
 import torch
+from holoscan.logger import LogLevel, set_log_level
 from monai.bundle import ConfigParser
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application, Fragment, Image, Operator, OperatorSpec
+from monai.deploy.core.domain.dicom_series_selection import StudySelectedSeries
+from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
+from monai.transforms import Compose
+from pydicom import Dataset
 
 from custom_components.detector import NoduleDetector
+from custom_components.dicom_sr import nodule_report, write_nodule_report
 from custom_components.errors import InputError
+from custom_components.io import LoadCTd, LoadedImage, SimpleITKReader, check_ct_values
 from custom_components.scan_detection import detect_scan
-from custom_components.scan_files import list_scans, seriesuid_of
+from custom_components.scan_files import seriesuid_of
 from custom_components.writers import DetectionWriter
 
 __all__ = [
-    "OperatorSpec",
-    "InputContext",
-    "OutputContext",
-    "Operator",
-    "Application",
-    "ScanLoaderOperator",
+    "EMBEDDED_FILES",
+    "CT_SELECTION_RULES",
+    "load_torchscript_bundle",
+    "CTSeriesSelectorOperator",
     "NoduleDetectionOperator",
     "DetectionWriterOperator",
     "NoduleDetectionApp",
-    "load_torchscript_bundle",
     "main",
 ]
 
 #: the configs ``monai.bundle ckpt_export`` embeds in the TorchScript file (``--meta_file`` and ``--config_file``)
 EMBEDDED_FILES = ("metadata.json", "inference.json")
-
-
-# --- the App SDK's calls, in plain Python -----------------------------------------------------------------------
-
-
-class OperatorSpec:
-    """What ``Operator.setup`` declares: the names of the input and output ports (SDK: ``spec.input``/``output``)."""
-
-    def __init__(self) -> None:
-        self.inputs: list[str] = []
-        self.outputs: list[str] = []
-
-    def input(self, name: str) -> None:
-        self.inputs.append(name)
-
-    def output(self, name: str) -> None:
-        self.outputs.append(name)
-
-
-class InputContext:
-    """``op_input`` of ``compute``: ``receive(port)`` returns what the upstream operator emitted to that port."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self._values = values
-
-    def receive(self, name: str) -> Any:
-        return self._values[name]
-
-
-class OutputContext:
-    """``op_output`` of ``compute``: ``emit(value, port)`` hands ``value`` to the operators joined to that port."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def emit(self, value: Any, name: str) -> None:
-        self.values[name] = value
-
-
-class Operator:
-    """Base operator: subclasses implement :meth:`setup` (ports) and :meth:`compute` (one run)."""
-
-    def __init__(self, name: str | None = None) -> None:
-        self.name = name or type(self).__name__
-        self.spec = OperatorSpec()
-        self.setup(self.spec)
-
-    def setup(self, spec: OperatorSpec) -> None:
-        """Declare the input and output ports on ``spec``."""
-
-    def compute(self, op_input: InputContext, op_output: OutputContext, context: Any) -> None:
-        raise NotImplementedError
-
-
-class Application:
-    """Base application: :meth:`compose` builds the operator graph with :meth:`add_flow`; :meth:`run` executes it.
-
-    ``run`` executes each operator once, in the order the flows first name them (the SDK's ``CountCondition(1)``
-    on a linear graph), passing emitted values along the declared ``(output port, input port)`` pairs.
-    """
-
-    def __init__(self) -> None:
-        self._operators: list[Operator] = []
-        self._flows: list[tuple[Operator, Operator, set[tuple[str, str]]]] = []
-
-    def compose(self) -> None:
-        raise NotImplementedError
-
-    def add_operator(self, op: Operator) -> None:
-        if op not in self._operators:
-            self._operators.append(op)
-
-    def add_flow(self, upstream: Operator, downstream: Operator, port_pairs: set[tuple[str, str]]) -> None:
-        for out_port, in_port in port_pairs:
-            if out_port not in upstream.spec.outputs or in_port not in downstream.spec.inputs:
-                raise ValueError(f"no port pair {out_port!r} -> {in_port!r} between {upstream.name} and {downstream.name}")
-        self.add_operator(upstream)
-        self.add_operator(downstream)
-        self._flows.append((upstream, downstream, set(port_pairs)))
-
-    def run(self) -> None:
-        self.compose()
-        emitted: dict[int, dict[str, Any]] = {}
-        for op in self._operators:
-            received: dict[str, Any] = {}
-            for upstream, downstream, pairs in self._flows:
-                if downstream is op:
-                    received.update({in_port: emitted[id(upstream)][out_port] for out_port, in_port in pairs})
-            op_output = OutputContext()
-            op.compute(InputContext(received), op_output, None)
-            emitted[id(op)] = op_output.values
-
-
-# --- the bundle's operators -------------------------------------------------------------------------------------
+#: the SDK selector's rules: every series of modality CT (each is then counted by :class:`CTSeriesSelectorOperator`)
+CT_SELECTION_RULES = json.dumps({"selections": [{"name": "CT", "conditions": {"Modality": "(?i)^CT$"}}]})
 
 
 def load_torchscript_bundle(
@@ -183,47 +106,104 @@ def load_torchscript_bundle(
     return network, json.loads(extra["metadata.json"]), json.loads(extra["inference.json"])
 
 
-class ScanLoaderOperator(Operator):
-    """Finds the scans under the input path (SDK: ``DICOMDataLoaderOperator`` + series selection).
+class CTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
+    """The SDK's ``DICOMSeriesSelectorOperator`` with :data:`CT_SELECTION_RULES` (all matches), which also requires
+    exactly one CT series among the loaded studies: the detector reads one series, and picking one of several
+    silently would report on a series the user may not have meant.
 
-    Output ``"scans"``: datalist entries ``[{"image": path}, ...]``, one per image file or DICOM series folder
-    (:func:`custom_components.scan_files.list_scans`); reading happens in the detection operator's preprocessing.
+    Input ``"dicom_study_list"``, output ``"study_selected_series_list"`` (the SDK's ports).
+
+    Args:
+        fragment: the application.
+        folder: the input folder, named in the error messages.
     """
 
-    def __init__(self, input_path: str | Path, name: str | None = None) -> None:
-        self.input_path = Path(input_path)
-        super().__init__(name)
+    def __init__(self, fragment: Fragment, *args: Any, folder: str | Path, **kwargs: Any) -> None:
+        self.folder = Path(folder)
+        super().__init__(fragment, *args, rules=CT_SELECTION_RULES, all_matched=True, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.output("scans")
+    def filter(
+        self, selection_rules: Any, dicom_study_list: Sequence[Any], all_matched: bool = False,
+        sort_by_sop_instance_count: bool = False,
+    ) -> list[StudySelectedSeries]:
+        """The SDK's selection, then the one-CT-series check.
 
-    def compute(self, op_input: InputContext, op_output: OutputContext, context: Any) -> None:
-        op_output.emit(list_scans(self.input_path), "scans")
+        Raises:
+            InputError: no DICOM series in the folder, no CT series, or several.
+        """
+        selected = super().filter(selection_rules, dicom_study_list, all_matched, sort_by_sop_instance_count)
+        found = [series for study in dicom_study_list or [] for series in study.get_all_series()]
+        ct = [item.series for study in selected for item in study.selected_series]
+        if not found:
+            raise InputError(f"{self.folder}: no DICOM series found")
+        if not ct:
+            listing = ", ".join(f"{s.Modality} series {s.SeriesInstanceUID}" for s in found)
+            raise InputError(f"{self.folder}: no CT series (found {listing})")
+        if len(ct) > 1:
+            listing = ", ".join(str(s.SeriesInstanceUID) for s in ct)
+            raise InputError(f"{self.folder}: holds {len(ct)} CT series ({listing}); give the folder of one series")
+        return selected
+
+
+class _SeriesVolumeReader(SimpleITKReader):
+    """:class:`custom_components.io.SimpleITKReader` over a volume already in memory (the SDK's DICOM volume), so
+    that the bundle's own loader (``LoadCTd``) builds the same MetaTensor and meta dict as from the folder on disk."""
+
+    def __init__(self, loaded: LoadedImage) -> None:
+        super().__init__()
+        self.loaded = loaded
+
+    def read(self, data: Any, **kwargs: Any) -> LoadedImage:
+        return self.loaded
+
+
+def _sitk_from_sdk_image(image: Image) -> sitk.Image:
+    """The SDK's volume (``asnumpy()`` in ``(k, j, i)`` order, ``metadata()["affine"]`` voxel ``(i, j, k)`` -> LPS mm,
+    from ``DICOMSeriesToVolumeOperator(affine_lps_to_ras=False)``) as a SimpleITK image with the same geometry."""
+    affine = np.asarray(image.metadata()["affine"], dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    volume = sitk.GetImageFromArray(np.ascontiguousarray(image.asnumpy()))
+    volume.SetSpacing(spacing.tolist())
+    volume.SetDirection((affine[:3, :3] / spacing).flatten().tolist())
+    volume.SetOrigin(affine[:3, 3].tolist())
+    return volume
 
 
 class NoduleDetectionOperator(Operator):
-    """Runs the bundle on each scan with the exported TorchScript network.
+    """Runs the bundle on one CT with the exported TorchScript network.
 
     On construction it loads ``model.ts`` (:func:`load_torchscript_bundle`) and parses the embedded
     ``inference.json`` with :class:`monai.bundle.ConfigParser`: ``preprocessing`` (read, lung crop, ``LPS``
     orientation, 1 mm, HU window to [0, 1]) and ``detector`` (:class:`NoduleDetector` with the config's score,
     NMS and sliding-window settings) whose ``network`` id is replaced by the TorchScript module, so the Python
-    network definition is never built. The ScriptModule keeps ``anchor_sizes``, ``strides`` and ``size_divisible``,
-    from which the detector's regression anchors are made.
+    network definition is never built. The input key is the first key of the metadata's
+    ``network_data_format.inputs``, as MONAI Label and the SDK's bundle operator take it.
 
-    Input ``"scans"``: datalist entries. Output ``"detections"``: one dict per scan, the format of
-    :class:`custom_components.writers.DetectionWriter`::
+    Inputs (DICOM): ``"image"``, the SDK's volume, and ``"study_selected_series_list"``, whose series' instances the
+    structured report references. With ``scan_path`` (a ``.mhd``/NIfTI file) it has no inputs and reads the file.
+    Output ``"detections"``, the per-scan dict of :class:`custom_components.writers.DetectionWriter`::
 
         {"seriesuid", "image_path",
-         "detections": ScanDetections (world LPS mm of the input scan, voxel cubes of the preprocessed volume),
-         "image": (I, J, K) the preprocessed volume in [0, 1]}
+         "detections": ScanDetections (world LPS mm of the input, voxel cubes of the preprocessed volume),
+         "image": (I, J, K) the preprocessed volume in [0, 1],
+         "evidence": the series' DICOM datasets (DICOM input only)}
 
     Args:
+        fragment: the application.
         model_path: the TorchScript file.
+        scan_path: a scan file to read instead of the DICOM inputs.
         device: where to run (default: the embedded config's ``device``, CUDA when available).
     """
 
-    def __init__(self, model_path: str | Path, device: str | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        model_path: str | Path,
+        scan_path: str | Path | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         network, metadata, config = load_torchscript_bundle(model_path)
         parser = ConfigParser(config)
         if device is not None:
@@ -231,61 +211,116 @@ class NoduleDetectionOperator(Operator):
         self.device = torch.device(parser.get_parsed_content("device"))
         # the detector's "network" id becomes the loaded module: ConfigParser hands non-config values through as is
         parser["network"] = network.to(self.device)
-        # MONAI Label and MONAI Deploy name the image by the first input of the metadata's network_data_format
+        self.bundle_metadata = metadata
         self.image_key = next(iter(metadata["network_data_format"]["inputs"]))
-        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.preprocessing: Compose = parser.get_parsed_content("preprocessing")
+        if not isinstance(self.preprocessing.transforms[0], LoadCTd):
+            raise InputError(f"{model_path}: the embedded preprocessing does not start with LoadCTd")
         self.detector: NoduleDetector = parser.get_parsed_content("detector")
         parser.get_parsed_content("detector_ops")
         self.use_inferer = bool(parser.get_parsed_content("use_sliding_window"))
-        super().__init__(name)
+        self.scan_path = None if scan_path is None else str(scan_path)
+        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
-        spec.input("scans")
+        if self.scan_path is None:
+            spec.input("image")
+            spec.input("study_selected_series_list")
         spec.output("detections")
 
-    def compute(self, op_input: InputContext, op_output: OutputContext, context: Any) -> None:
-        op_output.emit([self.detect(entry) for entry in op_input.receive("scans")], "detections")
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        if self.scan_path is not None:
+            op_output.emit(self.detect_file(self.scan_path), "detections")
+            return
+        image = op_input.receive("image")
+        selected = op_input.receive("study_selected_series_list")[0].selected_series[0].series
+        evidence = [sop.get_native_sop_instance() for sop in selected.get_sop_instances()]
+        op_output.emit(self.detect_series(image, evidence), "detections")
 
-    def detect(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """Preprocess one datalist entry and detect nodules in it (see the class docstring for the output)."""
-        path = str(entry["image"])
-        item = self.preprocessing({self.image_key: path})
-        image = item[self.image_key]  # (1, I, J, K) MetaTensor, affine: voxel -> LPS mm of the input scan
+    def detect_file(self, path: str) -> dict[str, Any]:
+        """Preprocess the scan file at ``path`` (the whole embedded ``preprocessing``) and detect nodules in it."""
+        return self.detections(self.preprocessing({self.image_key: path})[self.image_key], path)
+
+    def detect_series(self, image: Image, evidence: Sequence[Dataset]) -> dict[str, Any]:
+        """Detect nodules in the SDK's DICOM volume: the embedded ``LoadCTd`` reads it from memory (the same
+        MetaTensor as from the folder), the rest of ``preprocessing`` runs as configured."""
+        first = evidence[0]
+        folder = str(Path(first.filename).parent) if getattr(first, "filename", None) else ""
+        loaded = LoadedImage(_sitk_from_sdk_image(image), folder, str(first.SeriesInstanceUID))
+        check_ct_values(sitk.GetArrayViewFromImage(loaded.image), folder or loaded.seriesuid)
+        loader, rest = self.preprocessing.transforms[0], Compose(self.preprocessing.transforms[1:])
+        item = rest(loader({self.image_key: folder}, reader=_SeriesVolumeReader(loaded)))
+        return {**self.detections(item[self.image_key], folder), "evidence": list(evidence)}
+
+    def detections(self, image: torch.Tensor, path: str) -> dict[str, Any]:
+        """Detections of one preprocessed scan through the bundle's one scan-to-detections path
+        (:func:`custom_components.scan_detection.detect_scan`, as ``configs/inference.json``), in the writer's format.
+
+        Args:
+            image: ``(1, I, J, K)`` MetaTensor, affine voxel -> world LPS mm of the input scan.
+            path: where the scan came from.
+        """
         return {
             "seriesuid": seriesuid_of(image, path),
             "image_path": path,
             "detections": detect_scan(self.detector, image, image.affine, self.device, self.use_inferer),
-            "image": image[0].cpu().numpy(),
+            "image": torch.as_tensor(image)[0].cpu().numpy(),
         }
 
 
 class DetectionWriterOperator(Operator):
-    """Writes each scan's detections (SDK: a sink operator such as ``DICOMSegmentationWriterOperator``):
-    ``<output>/<seriesuid>.csv`` (LUNA16 submission rows), ``.json`` (MONAI detection boxes, ``cccwhd``),
-    ``.mrk.json`` (3D Slicer markups) and, unless disabled, ``.png``; every coordinate in LPS world mm, through
-    :class:`custom_components.writers.DetectionWriter`.
+    """Writes one scan's detections: ``<output>/<seriesuid>.csv`` (LUNA16 submission rows), ``.json`` (MONAI
+    detection boxes, ``cccwhd``), ``.mrk.json`` (3D Slicer markups), ``.png`` unless disabled (through
+    :class:`custom_components.writers.DetectionWriter`) and, for DICOM input, ``.SR.dcm`` (the DICOM structured
+    report of :mod:`custom_components.dicom_sr`); every coordinate in world LPS mm.
 
-    Input ``"detections"``: the detection operator's per-scan dicts.
+    The files are first written into a temporary folder beside the output and moved into it only when all are
+    written, so a failure leaves none of them.
+
+    Input ``"detections"``: the detection operator's dict.
     """
 
-    def __init__(self, output_dir: str | Path, png: bool = True, name: str | None = None) -> None:
-        self.writer = DetectionWriter(output_dir, png=png)
-        super().__init__(name)
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_dir: str | Path,
+        png: bool = True,
+        algorithm_version: str = "",
+        **kwargs: Any,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.png = png
+        self.algorithm_version = algorithm_version
+        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("detections")
 
-    def compute(self, op_input: InputContext, op_output: OutputContext, context: Any) -> None:
-        for scan in op_input.receive("detections"):
-            self.writer.write_scan(scan)
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        scan = op_input.receive("detections")
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.", dir=self.output_dir.parent))
+        try:
+            written = DetectionWriter(staging, png=self.png).write_scan(scan)
+            if scan.get("evidence"):
+                found = scan["detections"]
+                report = nodule_report(found.marks, found.world[:, 3], scan["evidence"],
+                                       algorithm_name="lung_nodule_detection", algorithm_version=self.algorithm_version)
+                written.append(write_nodule_report(report, staging / f"{scan['seriesuid']}.SR.dcm"))
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for path in written:
+                os.replace(path, self.output_dir / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class NoduleDetectionApp(Application):
-    """Loader -> detection -> writer, the MONAI Deploy application of the bundle.
+    """The bundle's MONAI Deploy application (see the module docstring for the graph).
 
     Args:
-        input_path: a DICOM series folder (searched recursively), an image file, or a folder of scans.
-        output_dir: where the per-scan files go.
+        input_path: a DICOM folder (one CT series, searched recursively) or a scan file.
+        output_dir: where the files go.
         model_path: the TorchScript file exported by ``monai.bundle ckpt_export``.
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         png: also draw the top detections.
@@ -299,18 +334,36 @@ class NoduleDetectionApp(Application):
         device: str | None = None,
         png: bool = True,
     ) -> None:
-        super().__init__()
-        self.input_path = input_path
-        self.output_dir = output_dir
-        self.model_path = model_path
+        super().__init__([sys.argv[0]])  # the SDK's runtime must not parse this command line, which is ours
+        self.input_path = Path(input_path)
+        self.output_dir = Path(output_dir)
+        self.model_path = Path(model_path)
         self.device = device
         self.png = png
 
     def compose(self) -> None:
-        loader = ScanLoaderOperator(self.input_path, name="loader")
-        detector = NoduleDetectionOperator(self.model_path, device=self.device, name="detector")
-        writer = DetectionWriterOperator(self.output_dir, png=self.png, name="writer")
-        self.add_flow(loader, detector, {("scans", "scans")})
+        if not self.input_path.exists():
+            raise InputError(f"{self.input_path}: no such file or folder")
+        dicom = self.input_path.is_dir()
+        detector = NoduleDetectionOperator(
+            self,
+            *(() if dicom else (CountCondition(self, 1),)),
+            model_path=self.model_path,
+            scan_path=None if dicom else self.input_path,
+            device=self.device,
+            name="nodule_detector",
+        )
+        writer = DetectionWriterOperator(self, output_dir=self.output_dir, png=self.png,
+                                         algorithm_version=str(detector.bundle_metadata["version"]), name="writer")
+        if dicom:
+            loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=self.input_path,
+                                             must_load=False, name="dicom_loader")
+            selector = CTSeriesSelectorOperator(self, folder=self.input_path, name="ct_series_selector")
+            volume = DICOMSeriesToVolumeOperator(self, affine_lps_to_ras=False, name="series_to_volume")
+            self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
+            self.add_flow(selector, volume, {("study_selected_series_list", "study_selected_series_list")})
+            self.add_flow(selector, detector, {("study_selected_series_list", "study_selected_series_list")})
+            self.add_flow(volume, detector, {("image", "image")})
         self.add_flow(detector, writer, {("detections", "detections")})
 
 
@@ -320,12 +373,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     Returns the exit status: 0, or 2 after printing ``error: <message>`` for bad input.
     """
     parser = argparse.ArgumentParser(prog="python -m bundle.deploy_app", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", "-i", required=True, help="DICOM series folder, image file or folder of scans")
+    parser.add_argument("--input", "-i", required=True, help="DICOM folder of one CT series, or a scan file")
     parser.add_argument("--output", "-o", required=True, help="output folder")
     parser.add_argument("--model", "-m", default="models/model.ts", help="TorchScript file from ckpt_export")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     parser.add_argument("--no-png", dest="png", action="store_false", help="skip the PNG of the top detections")
+    parser.add_argument("--verbose", action="store_true", help="keep the Holoscan runtime's and the SDK's log")
     args = parser.parse_args(None if argv is None else list(argv))
+    if not args.verbose:
+        # The runtime logs each failing operator over a dozen lines, and on a machine without nvImageCodec (a CUDA
+        # DICOM decoder; pydicom decodes instead) the SDK and MONAI warn about it through the root logger and a
+        # UserWarning: the one error line below says what went wrong, --verbose shows all of it.
+        set_log_level(LogLevel.OFF)
+        logging.basicConfig(level=logging.ERROR)
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     try:
         NoduleDetectionApp(args.input, args.output, args.model, device=args.device, png=args.png).run()
     except InputError as err:

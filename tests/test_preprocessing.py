@@ -175,6 +175,23 @@ def test_separable_spacing_matches_monai():
             assert restored.shape == image.shape and torch.allclose(restored.affine, image.affine.to(restored.affine))
 
 
+def test_chain_keeps_a_string_image_path_on_nifti(chest: Path, tmp_path: Path, preprocessing):
+    """MONAI Label adds ``image_path`` (a string) to the request; on a NIfTI scan ``Spacingd`` took every
+    ``image_*`` entry for a meta dict and failed (HTTP 500 for every NIfTI study). The chain keeps the string and
+    gives the same image as without it."""
+    nifti = tmp_path / "chest.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(chest)), str(nifti))
+    with pytest.raises(AttributeError, match="'str' object has no attribute 'update'"):
+        Spacingd(keys="image", pixdim=(1, 1, 1))(
+            {"image": preprocessing.transforms[0]({"image": str(nifti)})["image"][None], "image_path": str(nifti)}
+        )
+    out = preprocessing({"image": str(nifti), "image_path": str(nifti)})
+    assert out["image_path"] == str(nifti)
+    plain = preprocessing({"image": str(nifti)})
+    torch.testing.assert_close(out["image"].as_tensor(), plain["image"].as_tensor())
+    torch.testing.assert_close(out["image"].affine, plain["image"].affine)
+
+
 def test_nodules_to_voxel_rows():
     image = MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.tensor(np.diag([2.0, 2.0, 2.0, 1.0])))
     out = NodulesToVoxeld()({"image": image, "nodules": [], "excluded": [[2.0, 4.0, 6.0, -1.0], [0.0, 0.0, 0.0, 8.0]]})
