@@ -8,10 +8,11 @@ import torch
 from monai.data.box_utils import non_max_suppression
 from torch import Tensor
 
-from custom_components.anchors import RegressionAnchors, flatten_outputs
+from custom_components.anchors import RegressionAnchors
 from custom_components.boxes import CubeCoder, cube_iou, cubes_to_standard
+from custom_components.candidates import Candidates, head_candidates
 
-__all__ = ["gaussian_soft_nms", "select_detections"]
+__all__ = ["gaussian_soft_nms", "select_detections", "suppress"]
 
 
 def gaussian_soft_nms(
@@ -58,7 +59,8 @@ def select_detections(
     ``topk_candidates`` highest (MONAI's NMS is a Python loop, the cap keeps it cheap); decode their offsets; NMS
     (MONAI's 3D ``non_max_suppression`` on the cubes' StandardMode boxes, IoU > ``nms_thresh`` suppressed) or, with
     ``soft_nms``, Gaussian soft-NMS; at most ``max_detections`` marks. The default threshold is low on purpose: a
-    FROC curve needs enough marks per scan to reach 8 FP/scan.
+    FROC curve needs enough marks per scan to reach 8 FP/scan. Only the kept candidates are decoded
+    (:func:`custom_components.candidates.head_candidates`), in float32 whatever the outputs' dtype.
 
     Args:
         outputs: the network's head outputs ``[(B, A_h*5, I_h, J_h, K_h), ...]``.
@@ -66,29 +68,40 @@ def select_detections(
         coder: decodes offsets to cubes.
         image_shape: ``(I, J, K)`` of the input; candidates whose decoded centre falls outside its voxels (in the
             network's zero padding, or regressed off the edge) are dropped before NMS: every mark's centre lies in
-            ``[-0.5, I - 0.5] x [-0.5, J - 0.5] x [-0.5, K - 0.5]``.
+            ``[-0.5, I - 0.5] x [-0.5, J - 0.5] x [-0.5, K - 0.5]``. ``None``: the heads' grids times their strides.
 
     Returns:
         ``B`` pairs ``(cubes (K, 4) (ci, cj, ck, d) in input voxel coordinates, scores (K,))``, scores descending.
     """
-    flat = flatten_outputs(outputs)
-    anchor_cubes = anchors.for_outputs(outputs)
+    crop = image_shape if image_shape is not None else [n * anchors.strides[0] for n in outputs[0].shape[2:]]
     results = []
-    for b in range(flat.shape[0]):
-        scores = torch.sigmoid(flat[b, :, 0])
-        candidates = torch.nonzero(scores > score_thresh).squeeze(1)
-        if candidates.numel() > topk_candidates:
-            candidates = candidates[scores[candidates].topk(topk_candidates).indices]
-        cubes = coder.decode(flat[b, candidates, 1:], anchor_cubes[candidates])
-        scores = scores[candidates]
-        if image_shape is not None:
-            upper = torch.as_tensor(image_shape, dtype=cubes.dtype, device=cubes.device) - 0.5
-            inside = ((cubes[:, :3] >= -0.5) & (cubes[:, :3] <= upper)).all(dim=1)
-            cubes, scores = cubes[inside], scores[inside]
-        if soft_nms:
-            cubes, scores = gaussian_soft_nms(cubes, scores, soft_nms_sigma, score_thresh, max_detections)
-        else:
-            keep = non_max_suppression(cubes_to_standard(cubes), scores, nms_thresh, max_proposals=max_detections)
-            cubes, scores = cubes[keep], scores[keep]
-        results.append((cubes, scores))
+    for b in range(outputs[0].shape[0]):
+        found = head_candidates([o[b] for o in outputs], anchors, coder, crop, score_thresh, topk_candidates)
+        results.append(
+            suppress(found, topk_candidates, nms_thresh, max_detections, soft_nms, soft_nms_sigma, score_thresh, image_shape)
+        )
     return results
+
+
+def suppress(
+    found: Candidates,
+    topk_candidates: int = 1000,
+    nms_thresh: float = 0.1,
+    max_detections: int = 100,
+    soft_nms: bool = False,
+    soft_nms_sigma: float = 0.5,
+    score_thresh: float = 0.02,
+    image_shape: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``topk_candidates`` cap, the inside-the-image rule and (soft-)NMS of :func:`select_detections` on the
+    candidates of one image (e.g. merged from tiles). Returns ``(cubes (K, 4), scores (K,))``, scores descending."""
+    found = found.top(topk_candidates)
+    cubes, scores = found.cubes, found.scores
+    if image_shape is not None:
+        upper = torch.as_tensor(image_shape, dtype=cubes.dtype, device=cubes.device) - 0.5
+        inside = ((cubes[:, :3] >= -0.5) & (cubes[:, :3] <= upper)).all(dim=1)
+        cubes, scores = cubes[inside], scores[inside]
+    if soft_nms:
+        return gaussian_soft_nms(cubes, scores, soft_nms_sigma, score_thresh, max_detections)
+    keep = non_max_suppression(cubes_to_standard(cubes), scores, nms_thresh, max_proposals=max_detections)
+    return cubes[keep], scores[keep]
