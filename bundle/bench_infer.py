@@ -77,7 +77,8 @@ def bench_infer(
 
     def timed_network(images: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
-        outputs = run_network(images)
+        with torch.profiler.record_function("bench:network"):
+            outputs = run_network(images)
         sync()
         network_s[0] += time.perf_counter() - start
         return outputs
@@ -91,10 +92,12 @@ def bench_infer(
 
     def run_once() -> tuple:
         start = time.perf_counter()
-        data = run_chain(preprocessing, {"image": str(image)})
+        with torch.profiler.record_function("bench:preprocess"):
+            data = run_chain(preprocessing, {"image": str(image)})
         mid = time.perf_counter()
         network_s[0] = 0.0
-        result = detector(data["image"][None].to(dev), use_inferer=sliding_window)[0]
+        with torch.profiler.record_function("bench:detector (network + post-processing)"):
+            result = detector(data["image"][None].to(dev), use_inferer=sliding_window)[0]
         cubes = result[detector.cube_key].cpu().numpy()
         world = nodules_voxel_to_world(cubes, np.asarray(data["image"].affine)) if len(cubes) else cubes
         sync()
