@@ -128,8 +128,14 @@ class Float32Conv3d(nn.Conv3d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript has no autocast here; a scripted network runs in its own dtype
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._float32_forward(x)
+
+    @torch.jit.unused
+    def _float32_forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return self._conv_forward(x.float(), self.weight, self.bias)
 
 
 def _head(channels: int, num_anchors: int, prior: float) -> nn.Sequential:
