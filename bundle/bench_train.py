@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from bundle.timing import time_runs
+from bundle.timing import print_profile, time_runs
 
 
 def _batch(batch_size: int, patch_size: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -25,7 +25,13 @@ def _batch(batch_size: int, patch_size: int, device: torch.device) -> tuple[torc
 
 
 def bench_train(
-    preset: str = "lean", patch_size: int = 64, batch_size: int = 4, steps: int = 10, device: str | None = None
+    preset: str = "lean",
+    patch_size: int = 64,
+    batch_size: int = 4,
+    steps: int = 10,
+    device: str | None = None,
+    amp: str | bool = "none",
+    profile: int = 0,
 ) -> None:
     """Print patches per second (median over ``steps`` training steps after 2 warm-up steps) and peak memory.
 
@@ -35,23 +41,35 @@ def bench_train(
         batch_size: patches per step.
         steps: timed steps.
         device: ``cpu`` or ``cuda`` (default: cuda when available).
+        amp: mixed precision of the forward pass (``none``, ``bfloat16``, ``float16``, ``true`` for the device's own),
+            as :func:`custom_components.training.detection_iteration` runs it (fp16 with a gradient scaler).
+        profile: after the timed steps, profile one more step and print its ``profile`` top operators.
     """
     from custom_components.anchors import RegressionAnchors
     from custom_components.boxes import CubeCoder
     from custom_components.loss import DetectionLoss
     from custom_components.network import build_network
+    from custom_components.precision import autocast, needs_grad_scaler
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network = build_network(preset).to(dev).train()
     loss_fn = DetectionLoss(RegressionAnchors(network.anchor_sizes, network.strides), CubeCoder())
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-3, momentum=0.9)
     images, boxes = _batch(int(batch_size), int(patch_size), dev)
+    scaler = torch.amp.GradScaler(dev.type) if needs_grad_scaler(amp, dev) else None
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(images), boxes)["loss"]
-        loss.backward()
-        optimizer.step()
+        with autocast(amp, dev):
+            outputs = network(images)
+        loss = loss_fn([o.float() for o in outputs], boxes)["loss"]
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return loss.item()
@@ -59,7 +77,12 @@ def bench_train(
     stats = time_runs(step, repeats=int(steps), warmup=2)
     rate = batch_size / stats["median_s"]
     gpu_peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    print(f"training throughput, preset {preset!r}, {patch_size}^3 patches, batch {batch_size}, device {dev}, {torch.get_num_threads()} threads")
+    print(
+        f"training throughput, preset {preset!r}, {patch_size}^3 patches, batch {batch_size}, device {dev}, "
+        f"{torch.get_num_threads()} threads, amp {amp!r}"
+    )
     print(f"  {rate:.1f} patches/s (median step {stats['median_s']:.3f} s, min {stats['min_s']:.3f}, max {stats['max_s']:.3f}, {steps} steps)")
     print(f"  peak RSS {stats['peak_rss_mb']:.0f} MiB" + (f", peak GPU memory {gpu_peak:.0f} MiB" if gpu_peak else ""))
     print(f"  load average {os.getloadavg()[0]:.1f} (above the core count, wall times are inflated)")
+    if profile:
+        print_profile(step, int(profile))

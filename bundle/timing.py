@@ -1,4 +1,5 @@
-"""Measuring helpers shared by the benchmark commands: median wall time over runs and the process's peak RSS."""
+"""Measuring helpers shared by the benchmark commands: median wall time over runs, the process's peak RSS, and a
+``torch.profiler`` table of one run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import statistics
 import sys
 import time
 from typing import Any, Callable
+
+import torch
 
 
 def peak_rss_mb() -> float:
@@ -37,3 +40,15 @@ def time_runs(func: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dic
         "peak_rss_mb": peak_rss_mb(),
         "result": result,
     }
+
+
+def print_profile(func: Callable[[], object], top: int) -> None:
+    """Run ``func`` once under ``torch.profiler`` (CPU and, when present, CUDA) and print the ``top`` operators by
+    self time (the operators of the whole run: network, decoding, NMS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        func()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top))

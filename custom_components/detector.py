@@ -1,5 +1,10 @@
 """Inference wrapper with MONAI ``RetinaNetDetector``'s API: images in, nodule boxes/scores out (voxel coordinates).
 
+Whole images run tile by tile (:mod:`custom_components.tiling`: peak memory bounded by ``tile_size``, not by the
+scan), each tile's cells thresholded and capped at once (:mod:`custom_components.candidates`), then one NMS over the
+merged candidates. Only the network runs under mixed precision (``amp``, :mod:`custom_components.precision`); the
+head outputs are cast to float32 before decoding and NMS.
+
 Training does not go through this class: it calls the network and :class:`custom_components.loss.DetectionLoss`
 directly on patches. Mapping the voxel boxes to LPS millimetres is the geometry module's job.
 """
@@ -16,7 +21,10 @@ from torch import Tensor, nn
 
 from custom_components.anchors import RegressionAnchors
 from custom_components.boxes import CubeCoder, cubes_to_standard
-from custom_components.postprocess import select_detections
+from custom_components.candidates import Candidates, head_candidates
+from custom_components.postprocess import select_detections, suppress
+from custom_components.precision import autocast
+from custom_components.tiling import DEFAULT_TILE_MARGIN, plan_tiles
 
 __all__ = ["NoduleDetector"]
 
@@ -33,9 +41,15 @@ class NoduleDetector(nn.Module):
         inferer: optional sliding-window inferer (see :meth:`set_sliding_window_inferer`, which checks alignment).
         score_thresh, topk_candidates, nms_thresh, max_detections, soft_nms, soft_nms_sigma: see
             :func:`custom_components.postprocess.select_detections`.
+        amp: mixed precision of the network (``False``, ``"bfloat16"``, ``"float16"``, ``True`` for the device's
+            own; :func:`custom_components.precision.autocast_dtype`), resolved on the input's device.
+        tile_size: whole-image passes run in tiles of at most ``tile_size**3`` input voxels
+            (:func:`custom_components.tiling.plan_tiles`); ``None``: one pass over the whole image.
+        tile_margin: context voxels around each tile's core (a multiple of 16).
 
     ``detector(images, use_inferer=False)``: ``images`` is ``(B, 1, I, J, K)`` or a list of ``(1, I, J, K)`` tensors
-    (sizes may differ). Returns one dict per image: ``"box"`` ``(N, 6)`` MONAI StandardMode boxes in voxel coordinates
+    (sizes may differ). Tiled and untiled passes give the same marks when ``tile_margin`` covers the network's
+    receptive radius (the cells are the same; each is decoded by exactly one tile). Returns one dict per image: ``"box"`` ``(N, 6)`` MONAI StandardMode boxes in voxel coordinates
     of the given tensor, ``"label"`` ``(N,)`` int64 zeros (one class), ``"label_scores"`` ``(N,)`` noduleness, and
     ``"cube"`` ``(N, 4)`` ``(ci, cj, ck, d)``; keys follow :meth:`set_target_keys`. Runs in eval mode under
     ``torch.inference_mode`` (the network's train/eval mode is restored afterwards).
@@ -53,6 +67,9 @@ class NoduleDetector(nn.Module):
         max_detections: int = 100,
         soft_nms: bool = False,
         soft_nms_sigma: float = 0.5,
+        amp: bool | str | torch.dtype | None = None,
+        tile_size: int | None = None,
+        tile_margin: int = DEFAULT_TILE_MARGIN,
     ) -> None:
         super().__init__()
         self.network = network
@@ -65,6 +82,10 @@ class NoduleDetector(nn.Module):
         self.soft_nms_sigma = soft_nms_sigma
         self.set_target_keys("box", "label")
         self.cube_key = "cube"
+        self.amp = amp
+        plan_tiles((1, 1, 1), tile_size, tile_margin, self.size_divisible)  # raises on a tile size the margins don't fit
+        self.tile_size = tile_size
+        self.tile_margin = int(tile_margin)
 
     def set_target_keys(self, box_key: str, label_key: str) -> None:
         """Keys of the output dicts: boxes, labels and ``label_key + "_scores"`` (as MONAI)."""
@@ -132,10 +153,14 @@ class NoduleDetector(nn.Module):
             cache_roi_weight_map,
         )
 
-    def _head_outputs(self, images: Tensor, use_inferer: bool) -> list[Tensor]:
-        """Network outputs for ``images (B, 1, I, J, K)``, cropped to the head grids of ``(I, J, K)``."""
-        if not use_inferer:
-            return list(self.network(images))
+    def _network(self, images: Tensor) -> list[Tensor]:
+        """The network's head outputs for ``images (B, 1, I, J, K)`` under ``amp``, cast to float32."""
+        with autocast(self.amp, images.device):
+            outputs = self.network(images)
+        return [o.float() for o in outputs]
+
+    def _head_outputs(self, images: Tensor) -> list[Tensor]:
+        """Sliding-window outputs for ``images (B, 1, I, J, K)``, cropped to the head grids of ``(I, J, K)``."""
         if self.inferer is None:
             raise ValueError("use_inferer=True needs set_sliding_window_inferer(...) to be called first")
         size = images.shape[2:]
@@ -145,9 +170,33 @@ class NoduleDetector(nn.Module):
         padded = [n + (-n) % self.size_divisible for n in padded]
         pad = [p - n for p, n in zip(padded, size)]
         images = F.pad(images, [0, pad[2], 0, pad[1], 0, pad[0]])
-        outputs = self.inferer(images, self.network)
+        outputs = self.inferer(images, self._network)
         grids = self.anchors.grid_shapes(size)
         return [o[:, :, : g[0], : g[1], : g[2]] for o, g in zip(outputs, grids)]
+
+    def _tiled(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(cubes, scores)`` of each image of ``images (B, 1, I, J, K)``, tile by tile."""
+        shape = images.shape[2:]
+        tiles = plan_tiles(shape, self.tile_size, self.tile_margin, self.size_divisible)
+        found: list[list[Candidates]] = [[] for _ in range(images.shape[0])]
+        for tile in tiles:
+            core = (tile.core_lo, tile.core_hi) if len(tiles) > 1 else None
+            outputs = self._network(images[(slice(None), slice(None), *tile.input_slices)])
+            for b, parts in enumerate(found):
+                parts.append(
+                    head_candidates(
+                        [o[b] for o in outputs], self.anchors, self.coder, shape, self.score_thresh,
+                        self.topk_candidates, tile.input_lo, core,
+                    )
+                )
+            del outputs
+        return [
+            suppress(
+                Candidates.cat(parts), self.topk_candidates, self.nms_thresh, self.max_detections, self.soft_nms,
+                self.soft_nms_sigma, self.score_thresh, shape,
+            )
+            for parts in found
+        ]
 
     def forward(self, input_images: Tensor | list[Tensor], use_inferer: bool = False) -> list[dict[str, Tensor]]:
         if isinstance(input_images, Tensor):
@@ -160,12 +209,15 @@ class NoduleDetector(nn.Module):
             with torch.inference_mode():
                 results = []
                 for images in batches:
-                    outputs = self._head_outputs(images, use_inferer)
-                    for cubes, scores in select_detections(
-                        outputs, self.anchors, self.coder, self.score_thresh, self.topk_candidates,
-                        self.nms_thresh, self.max_detections, self.soft_nms, self.soft_nms_sigma,
-                        image_shape=images.shape[2:],
-                    ):
+                    if use_inferer:
+                        marks = select_detections(
+                            self._head_outputs(images), self.anchors, self.coder, self.score_thresh,
+                            self.topk_candidates, self.nms_thresh, self.max_detections, self.soft_nms,
+                            self.soft_nms_sigma, image_shape=images.shape[2:],
+                        )
+                    else:
+                        marks = self._tiled(images)
+                    for cubes, scores in marks:
                         results.append(
                             {
                                 self.target_box_key: cubes_to_standard(cubes),

@@ -119,10 +119,30 @@ def _upsample(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
     )
 
 
+class Float32Conv3d(nn.Conv3d):
+    """A ``Conv3d`` that runs in float32 under ``torch.autocast`` (same parameters and state-dict keys).
+
+    The heads' last layer: bf16 keeps 8 bits of mantissa, so bf16 noduleness logits near the prior's -4.6 come in
+    steps of 0.03 and whole regions of cells tie, which scrambles the candidate cap and the FROC ranking. A 1x1x1 conv
+    on 1/8 of the voxels costs little in float32.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript has no autocast here; a scripted network runs in its own dtype
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._float32_forward(x)
+
+    @torch.jit.unused
+    def _float32_forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv_forward(x.float(), self.weight, self.bias)
+
+
 def _head(channels: int, num_anchors: int, prior: float) -> nn.Sequential:
     """``conv3-RReLU-conv1`` to ``num_anchors * 5`` channels; noduleness biases start at the logit of ``prior`` so the
-    first steps are not swamped by the loss of ~10^5 confidently-wrong negatives (RetinaNet's initialisation)."""
-    out = nn.Conv3d(channels, num_anchors * NUM_OUTPUTS, 1)
+    first steps are not swamped by the loss of ~10^5 confidently-wrong negatives (RetinaNet's initialisation). The last
+    conv is a :class:`Float32Conv3d`: the outputs are float32 logits and offsets even under mixed precision."""
+    out = Float32Conv3d(channels, num_anchors * NUM_OUTPUTS, 1)
     nn.init.normal_(out.weight, std=0.01)
     with torch.no_grad():
         out.bias.zero_()

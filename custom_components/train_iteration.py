@@ -3,6 +3,13 @@
 ``SupervisedTrainer``'s default iteration takes one loss tensor; the detector's loss has parts (classification on the
 positives and the hard negatives, regression on the positives) that users want to watch, and targets that are lists of
 boxes of varying length per patch, so the configs pass :func:`detection_iteration` as ``iteration_update``.
+
+Mixed precision: the forward pass runs under ``torch.autocast`` with ``engine.amp_kwargs["dtype"]``
+(``configs/train.json`` sets it from the ``amp`` config id through :mod:`custom_components.precision`: bf16 on a CPU
+with native bf16, fp16 on CUDA). MONAI's ``amp`` flag of the trainer then only says whether a gradient scaler is used
+(fp16; its ``GradScaler`` is CUDA-only, and bf16, with fp32's exponent range, needs none). Without a ``dtype`` in
+``amp_kwargs``, ``amp=True`` means fp16 autocast with the scaler, as MONAI's own iteration. The loss (target
+assignment, hard-negative mining) runs in fp32 on the head outputs cast to float32.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
+
+from custom_components.precision import autocast
 
 
 def detection_iteration(engine: SupervisedTrainer, batch: dict[str, Any]) -> dict[str, Any]:
@@ -32,11 +41,14 @@ def detection_iteration(engine: SupervisedTrainer, batch: dict[str, Any]) -> dic
     ignore = [b.to(device) for b in batch["ignore"]]
     engine.network.train()
     engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-    with torch.autocast(device_type=device.type if isinstance(device, torch.device) else str(device), enabled=engine.amp):
+    dtype = engine.amp_kwargs.get("dtype", torch.float16 if engine.amp else None)
+    with autocast(dtype, device):
         outputs = engine.network(images)
-        engine.state.output = {Keys.IMAGE: images, Keys.PRED: outputs}
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        parts = engine.loss_function(outputs, boxes, ignore)
+    # the loss's regression anchors and targets take the outputs' dtype: bf16 would round a 90.5 voxel centre to 90
+    outputs = [o.float() for o in outputs]
+    engine.state.output = {Keys.IMAGE: images, Keys.PRED: outputs}
+    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+    parts = engine.loss_function(outputs, boxes, ignore)
     loss = parts["loss"]
     engine.state.output[Keys.LOSS] = loss
     engine.fire_event(IterationEvents.LOSS_COMPLETED)

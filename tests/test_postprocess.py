@@ -1,9 +1,10 @@
-"""Candidate selection, MONAI NMS on cubes and Gaussian soft-NMS."""
+"""Candidate selection, NMS on cubes (MONAI's rule) and Gaussian soft-NMS."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from custom_components.anchors import RegressionAnchors
@@ -88,3 +89,19 @@ def test_detections_centred_outside_the_image_are_dropped():
     )
     assert (cubes[:, 0] > shape[0] - 0.5).any()
     assert len(kept) > 0 and (kept[:, 0] <= shape[0] - 0.5).all() and (kept[:, :3] >= -0.5).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cube_nms_picks_what_monai_non_max_suppression_picks(seed):
+    from monai.data.box_utils import non_max_suppression
+
+    from custom_components.boxes import cubes_to_standard
+    from custom_components.postprocess import cube_nms
+
+    g = torch.Generator().manual_seed(seed)
+    cubes = torch.cat([torch.rand(1000, 3, generator=g) * 60, 3 + torch.rand(1000, 1, generator=g) * 20], 1)
+    scores = torch.rand(1000, generator=g).round(decimals=2)  # ties, resolved by the stable sort in both
+    for thresh, cap in ((0.1, 100), (0.3, 1000), (0.0, 5)):
+        expected = non_max_suppression(cubes_to_standard(cubes), scores, thresh, max_proposals=cap)
+        assert torch.equal(cube_nms(cubes, scores, thresh, cap), expected)
+    assert cube_nms(cubes[:0], scores[:0], 0.1, 100).numel() == 0
