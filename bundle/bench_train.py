@@ -42,7 +42,7 @@ def bench_train(
         steps: timed steps.
         device: ``cpu`` or ``cuda`` (default: cuda when available).
         amp: mixed precision of the forward pass (``none``, ``bfloat16``, ``float16``, ``true`` for the device's own),
-            as :func:`custom_components.training.detection_iteration` runs it (fp16 with a gradient scaler).
+            as :func:`custom_components.train_iteration.detection_iteration` runs it (fp16 with a gradient scaler).
         profile: after the timed steps, profile one more step and print its ``profile`` top operators.
     """
     from custom_components.anchors import RegressionAnchors

@@ -12,7 +12,6 @@ from custom_components.anchors import RegressionAnchors
 from custom_components.boxes import CubeCoder
 from custom_components.candidates import Candidates, head_candidates
 from custom_components.detector import NoduleDetector
-from custom_components.network import NUM_OUTPUTS
 from custom_components.tiling import plan_tiles
 
 
