@@ -2,12 +2,18 @@
 
 One step = forward, the detection loss (target assignment, hard-negative mining), backward and an SGD step on a batch
 of γ³ patches, each holding a bright 8 mm sphere as its nodule, exactly as ``train.json``'s trainer does it (data
-loading excluded: patches are cropped from memory-mapped cached volumes, which costs microseconds).
+loading excluded: patches are cropped from memory-mapped cached volumes, which costs microseconds). With ``--augment``
+each step first passes every patch through ``configs/train.json``'s ``train#augmentation`` (flips, rotations and the
+intensity, noise, kernel and slice-thickness transforms), as the demo's single-process data loader does before each
+step, so the two runs give the augmentation's cost.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Callable
+
 import torch
 
 from bundle.timing import time_runs
@@ -23,8 +29,25 @@ def _batch(batch_size: int, patch_size: int, device: torch.device) -> tuple[torc
     return images.to(device), [b.to(device) for b in boxes]
 
 
+def _augmentation(patch_size: int, seed: int = 0) -> Callable[[dict], dict]:
+    """``train#augmentation`` of ``configs/train.json`` for γ = ``patch_size``, seeded."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
+    parser["patch_size"] = int(patch_size)
+    augmentation = parser.get_parsed_content("train#augmentation")
+    augmentation.set_random_state(seed)
+    return augmentation
+
+
 def bench_train(
-    preset: str = "lean", patch_size: int = 64, batch_size: int = 4, steps: int = 10, device: str | None = None
+    preset: str = "lean",
+    patch_size: int = 64,
+    batch_size: int = 4,
+    steps: int = 10,
+    device: str | None = None,
+    augment: bool = False,
 ) -> None:
     """Print patches per second (median over ``steps`` training steps after 2 warm-up steps) and peak memory.
 
@@ -34,6 +57,7 @@ def bench_train(
         batch_size: patches per step.
         steps: timed steps.
         device: ``cpu`` or ``cuda`` (default: cuda when available).
+        augment: pass each patch through the training config's augmentation in every step (timed with it).
     """
     from custom_components.anchors import RegressionAnchors
     from custom_components.boxes import CubeCoder
@@ -45,10 +69,23 @@ def bench_train(
     loss_fn = DetectionLoss(RegressionAnchors(network.anchor_sizes, network.strides), CubeCoder())
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-3, momentum=0.9)
     images, boxes = _batch(int(batch_size), int(patch_size), dev)
+    augmentation = _augmentation(int(patch_size)) if augment else None
+
+    def augmented() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        from custom_components.boxes import cubes_to_standard
+        from custom_components.sampling import standard_to_cubes
+
+        out = [
+            augmentation({"image": image.cpu(), "box": cubes_to_standard(box.cpu()), "ignore_box": torch.zeros(0, 6)})
+            for image, box in zip(images, boxes)
+        ]
+        batch = torch.stack([torch.as_tensor(o["image"]).float() for o in out]).to(dev)
+        return batch, [standard_to_cubes(torch.as_tensor(o["box"]), b[:, 3].cpu()).to(dev) for o, b in zip(out, boxes)]
 
     def step() -> float:
+        inputs, targets = augmented() if augmentation is not None else (images, boxes)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(images), boxes)["loss"]
+        loss = loss_fn(network(inputs), targets)["loss"]
         loss.backward()
         optimizer.step()
         if dev.type == "cuda":
@@ -58,7 +95,8 @@ def bench_train(
     stats = time_runs(step, repeats=int(steps), warmup=2)
     rate = batch_size / stats["median_s"]
     gpu_peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    print(f"training throughput, preset {preset!r}, {patch_size}^3 patches, batch {batch_size}, device {dev}, {torch.get_num_threads()} threads")
+    what = "with train#augmentation" if augment else "no augmentation"
+    print(f"training throughput, preset {preset!r}, {patch_size}^3 patches, batch {batch_size}, {what}, device {dev}, {torch.get_num_threads()} threads")
     print(f"  {rate:.1f} patches/s (median step {stats['median_s']:.3f} s, min {stats['min_s']:.3f}, max {stats['max_s']:.3f}, {steps} steps)")
     print(f"  peak RSS {stats['peak_rss_mb']:.0f} MiB" + (f", peak GPU memory {gpu_peak:.0f} MiB" if gpu_peak else ""))
     print(f"  load average {os.getloadavg()[0]:.1f} (above the core count, wall times are inflated)")
