@@ -93,10 +93,14 @@ def bench_train(
         return loss.item()
 
     stats = time_runs(step, repeats=int(steps), warmup=2)
+    alone = time_runs(augmented, repeats=max(int(steps), 20), warmup=1) if augmentation is not None else None
     rate = batch_size / stats["median_s"]
     gpu_peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     what = "with train#augmentation" if augment else "no augmentation"
     print(f"training throughput, preset {preset!r}, {patch_size}^3 patches, batch {batch_size}, {what}, device {dev}, {torch.get_num_threads()} threads")
     print(f"  {rate:.1f} patches/s (median step {stats['median_s']:.3f} s, min {stats['min_s']:.3f}, max {stats['max_s']:.3f}, {steps} steps)")
+    if alone is not None:
+        share = alone["median_s"] / stats["median_s"]
+        print(f"  the augmentation alone: median {alone['median_s'] * 1e3:.1f} ms per batch (min {alone['min_s'] * 1e3:.1f}), {100 * share:.0f} % of the median step")
     print(f"  peak RSS {stats['peak_rss_mb']:.0f} MiB" + (f", peak GPU memory {gpu_peak:.0f} MiB" if gpu_peak else ""))
     print(f"  load average {os.getloadavg()[0]:.1f} (above the core count, wall times are inflated)")

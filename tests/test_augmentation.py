@@ -99,14 +99,20 @@ def _patch(size: int = 48) -> dict:
 
 def test_config_augmentation_parses_and_runs_on_a_patch():
     parser, augmentation = _augmentation()
-    names = [type(t).__name__ for t in augmentation.transforms]
+
+    def walk(transform):  # the transforms inside Compose / OneOf, depth first
+        yield transform
+        for inner in getattr(transform, "transforms", ()):
+            yield from walk(inner)
+
+    names = [type(t).__name__ for t in walk(augmentation)]
     for name in ("RandShiftIntensityd", "RandScaleIntensityd", "RandGaussianNoised", "RandGaussianSmoothd",
                  "RandGaussianSharpend", "RandSliceThicknessd", "RandFlipBoxd", "RandRotateBox90d"):  # fmt: skip
         assert name in names
     # every transform is a named entry of train#augment, referenced by id (no list position matters)
     listed = json.loads((REPO / "configs" / "train.json").read_text())["train"]["augmentation"]["transforms"]
     assert listed and all(isinstance(ref, str) and ref.startswith("@train#augment#") for ref in listed)
-    assert parser.get_parsed_content("train#augment#thickness") is augmentation.transforms[names.index("RandSliceThicknessd")]
+    assert parser.get_parsed_content("train#augment#thickness") in augmentation.transforms
     augmentation.set_random_state(0)
     changed = 0
     for _ in range(20):
@@ -131,3 +137,26 @@ def test_config_augmentation_can_be_switched_off_by_id():
         out = augmentation(patch)
         # only flips and 90° rotations remain: the same voxel values, permuted
         assert torch.equal(torch.as_tensor(out["image"]).flatten().sort().values, patch["image"].flatten().sort().values)
+
+
+@pytest.mark.parametrize("kernel", ["soft_kernel", "sharp_kernel"])
+def test_kernels_keep_size_and_do_not_darken_the_border(kernel: str):
+    # MONAI's Gaussian filters pad with zeros: without the replicate margin the patch border would turn dark
+    parser, _ = _augmentation(patch_size=40)
+    transform = parser.get_parsed_content(f"train#augment#{kernel}")
+    transform.set_random_state(0)
+    out = torch.as_tensor(transform({"image": torch.full((1, 40, 40, 40), 0.5)})["image"])
+    assert out.shape == (1, 40, 40, 40)
+    assert torch.allclose(out, torch.tensor(0.5), atol=1e-4)
+    # net effect on fine detail: a soft kernel lowers white noise, a sharp one raises it (MONAI's sharpen blurs
+    # by sigma1 first; too large a sigma1 or too small an alpha would make it a blur too)
+    noise = 0.5 + 0.02 * torch.randn(1, 40, 40, 40, generator=torch.Generator().manual_seed(0))
+    ratio = float(torch.as_tensor(transform({"image": noise})["image"]).std() / noise.std())
+    assert (ratio < 0.9) if kernel == "soft_kernel" else (ratio > 1.1)
+    edge = torch.zeros(1, 40, 40, 40)
+    edge[:, 20:] = 1.0  # a step along i: the soft kernel widens it, the sharp one overshoots
+    out = torch.as_tensor(transform({"image": edge})["image"])[0, :, 10, 10]
+    if kernel == "soft_kernel":
+        assert 0.0 < float(out[19]) < 0.5 < float(out[20]) < 1.0
+    else:
+        assert float(out[:20].min()) < -0.02 and float(out[20:].max()) > 1.02
