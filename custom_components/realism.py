@@ -26,6 +26,8 @@ Every statistic is measured the same way on generated and on real scans, from th
   kernel: filtered back-projection gives a spectrum that rises from zero and peaks at 0.1-0.5 cycles/mm (sharper
   kernels higher), white noise blurred by a Gaussian peaks at the lowest frequency. Anatomy left in patient ROIs
   adds power to the lowest ring, so on real scans the peak can sit there; the mean frequency is the steadier figure.
+  The quadratic surface also takes the noise power below about two rings (0.08 cycles/mm for 24 mm ROIs): the
+  standard deviation of strongly low-pass noise reads about 8 % low.
 
 Arrays are in MONAI/ITK order ``(I, J, K)`` with ``K`` the slice axis (the voxel axis closest to the patient's
 superior-inferior axis), spacings in mm in the same order. Only the voxels each statistic needs are read from the
