@@ -11,8 +11,8 @@ step, so the two runs give the augmentation's cost.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -54,13 +55,14 @@ from custom_components.transforms import lung_mask
 
 __all__ = [
     "HU_BINS",
+    "NoiseStatistics",
     "ScanStatistics",
     "aerated_lung",
-    "NoiseStatistics",
-    "noise_statistics",
-    "vessel_diameters",
-    "scan_statistics",
     "compare",
+    "display_name",
+    "noise_statistics",
+    "scan_statistics",
+    "vessel_diameters",
 ]
 
 HU_BINS = np.arange(-1100.0, 201.0, 20.0)  # edges of the lung HU histogram (HU)
@@ -95,7 +97,6 @@ class ScanStatistics:
     slice_hu: np.ndarray
     pixel_mm: tuple[float, float]
     w1_to_reference_hu: float = float("nan")
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """The scan's line of the table: plain numbers, keyed by column name."""
