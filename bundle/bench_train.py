@@ -64,6 +64,10 @@ def bench_train(
     from custom_components.loss import DetectionLoss
     from custom_components.network import build_network
 
+    if not isinstance(augment, bool):  # fire passes ``--augment false`` as the (true) string "false"
+        from custom_components.errors import InputError
+
+        raise InputError(f"--augment is a switch (--augment / --noaugment), got {augment!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network = build_network(preset).to(dev).train()
     loss_fn = DetectionLoss(RegressionAnchors(network.anchor_sizes, network.strides), CubeCoder())
