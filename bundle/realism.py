@@ -39,4 +39,5 @@ def realism(cohort: str | list[str], reference: str | list[str], out: str, seed:
     print(format_table(measured["cohort"], measured["reference"], summary))
     paths = write_report(measured["cohort"], measured["reference"], summary, out)
     total = sum(len(v) for v in measured.values())
-    print(f"measured {total} scans in {seconds:.1f} s ({seconds / total:.1f} s per scan); wrote {', '.join(map(str, paths))}")
+    print(f"measured {total} scans in {seconds:.1f} s ({seconds / total:.1f} s per scan)")
+    print(f"wrote {', '.join(map(str, paths))}")

@@ -95,7 +95,10 @@ class RandSliceThicknessd(RandomizableTransform, MapTransform):
         RandomizableTransform.__init__(self, prob)
         low, high = float(thickness_mm[0]), float(thickness_mm[1])
         if not spacing_mm <= low <= high:
-            raise ValueError(f"thickness_mm must be a range [low, high] with spacing_mm ({spacing_mm}) <= low <= high, got {thickness_mm}")
+            raise ValueError(
+                f"thickness_mm must be a range [low, high] with spacing_mm ({spacing_mm}) <= low <= high, "
+                f"got {thickness_mm}"
+            )
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be a spatial axis 0, 1 or 2, got {axis}")
         self.thickness_mm = (low, high)

@@ -80,7 +80,8 @@ class ScanStatistics:
     """The realism statistics of one scan (see the module docstring for how each is measured).
 
     ``lung_hu`` is a random sample (at most 200,000 values) of the aerated lung's HU values, kept for distances;
-    ``vessel_diameters_mm`` every dense cross-section's equivalent diameter; ``slice_hu`` the mid-lung axial slice ``(I, J)`` in HU with ``pixel_mm`` its pixel size.
+    ``vessel_diameters_mm`` every dense cross-section's equivalent diameter (mm); ``noise`` the soft-tissue noise;
+    ``slice_hu`` the mid-lung axial slice ``(I, J)`` in HU with ``pixel_mm`` its pixel size (i, j) mm.
     """
 
     name: str

@@ -114,7 +114,8 @@ def _slices_figure(
     rows = [list(cohort[i : i + columns]) for i in range(0, len(cohort), columns)]
     rows += [list(reference[i : i + columns]) for i in range(0, len(reference), columns)]
     fig = Figure(figsize=(2.4 * columns, 2.7 * len(rows) + 0.4))
-    half = max(max(s.slice_hu.shape[0] * s.pixel_mm[0], s.slice_hu.shape[1] * s.pixel_mm[1]) for s in (*cohort, *reference)) / 2
+    extents = [max(s.slice_hu.shape[0] * s.pixel_mm[0], s.slice_hu.shape[1] * s.pixel_mm[1]) for s in (*cohort, *reference)]
+    half = max(extents) / 2
     for r, scans in enumerate(rows):
         for c, scan in enumerate(scans):
             ax = fig.add_subplot(len(rows), columns, r * columns + c + 1)
@@ -155,7 +156,10 @@ def _curves_figure(cohort: Sequence[ScanStatistics], reference: Sequence[ScanSta
                 nps = scan.noise.nps / scan.noise.nps.max()
                 axes[2].plot(scan.noise.frequencies, nps, color=colour, lw=1, alpha=0.7, label=label)
     axes[0].set(xlabel="HU (aerated lung)", ylabel="density", title="lung HU histogram", yscale="log")
-    axes[1].set(xlabel="equivalent diameter mm (HU > -500)", ylabel="fraction of cross-sections", title="vessel calibres", xscale="log")
+    axes[1].set(
+        xlabel="equivalent diameter mm (HU > -500)", ylabel="fraction of cross-sections", title="vessel calibres",
+        xscale="log",
+    )
     axes[2].set(xlabel="cycles/mm", ylabel="NPS / its maximum", title="noise-power spectrum (soft tissue)")
     for ax in axes:
         ax.legend(fontsize=7)
