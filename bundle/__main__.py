@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench-train": ("bundle.bench_train", "bench_train", "training throughput in patches per second"),
     "model-info": ("bundle.model_info", "model_info", "parameters and FLOPs of the network presets"),
     "cross-validate": ("bundle.cross_validate", "cross_validate", "train the 5 folds and score them together"),
+    "realism": ("bundle.realism", "realism", "generated vs real scans: lung HU, vessel calibres, noise, slices PNG"),
     "ensemble": ("bundle.cross_validate", "ensemble", "score several models' averaged detections on a fold"),
 }
 
