@@ -7,8 +7,8 @@ Each case runs
 * through the reader every path of the bundle uses (:func:`custom_components.io.read_image`, and MONAI's
   ``LoadCTd``): refused with :class:`InputError` holding the fragment and the path, or read with a warning;
 * through a real command line in a subprocess (``python -m bundle bench-preprocess --image X``, which reads the
-  scan with the preprocessing chain of ``configs/inference.json``): the exit status, one ``error:`` line naming the file and the
-  problem, no traceback; for accepted inputs, exit 0 and the fragment on stderr (the warning).
+  scan with the preprocessing chain of ``configs/inference.json``): the exit status, one ``error:`` line naming the
+  file and the problem, no traceback; for accepted inputs, exit 0 and the fragment on stderr (the warning).
 
 Add a row to extend the matrix.
 """

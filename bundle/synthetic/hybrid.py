@@ -48,6 +48,7 @@ from custom_components.atomic import atomic_write
 from custom_components.errors import InputError
 from custom_components.io import affine_from_sitk, read_image
 from custom_components.luna16_tables import read_annotations
+from custom_components.volume_checks import MIN_EXTENT_MM
 
 __all__ = [
     "HYBRID_UID_ROOT",
@@ -64,6 +65,8 @@ __all__ = [
 
 #: Series UIDs ``<root>.<seed>.<index>``; one more component than ``synth``'s, so the two never collide.
 HYBRID_UID_ROOT = UID_ROOT + ".9"
+#: the least z window: the reader's chest floor plus a 5 mm slice at each end, so every output scan reads back
+MIN_WINDOW_MM = MIN_EXTENT_MM + 10.0
 AIR_HU = -400.0  # lung / soft tissue threshold, as the preprocessing's lung mask (lung_mask.lung_mask)
 DENSE_HU = -300.0  # vessels, airway walls, lesions inside the lung (smoothed HU above)
 MIN_LUNG_ML = 300.0  # a chest CT shows at least this much lung
@@ -554,8 +557,11 @@ def generate_hybrid_cohort(
     for name, value, least in (("--scans", scans, 1), ("--seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise InputError(f"{name}: expected a whole number >= {least}, got {value!r}")
-    if max_size_mm is not None and (isinstance(max_size_mm, bool) or not float(max_size_mm) >= 40.0):
-        raise InputError(f"--max-size-mm: expected a length of at least 40 mm, got {max_size_mm!r}")
+    if max_size_mm is not None and (isinstance(max_size_mm, bool) or not float(max_size_mm) >= MIN_WINDOW_MM):
+        raise InputError(
+            f"--max-size-mm: expected a length of at least {MIN_WINDOW_MM:g} mm (the reader refuses scans under "
+            f"{MIN_EXTENT_MM:g} mm, and a window loses up to a slice at each end), got {max_size_mm!r}"
+        )
     if not backgrounds:
         raise InputError("--backgrounds: no background scans given (and none found in ../shared/data)")
     out = Path(out)
