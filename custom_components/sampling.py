@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from custom_components.boxes import cubes_to_standard
 from custom_components.cache import PreprocessedScans
+from custom_components.errors import InputError
 
 GT, FP = 0, 1
 
@@ -40,7 +41,7 @@ class SamplingAnchors:
         self.round = 0
         self.anchors = self._ground_truth()
         if len(self.anchors) == 0:
-            raise ValueError("no ground-truth nodules in the training scans: round 0 has no sampling anchors")
+            raise InputError(f"no ground-truth nodules in the {len(scans)} training scans: round 0 has no sampling anchors")
 
     def _ground_truth(self) -> np.ndarray:
         rows = [
@@ -80,7 +81,7 @@ class SamplingAnchors:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["seriesuids"]) != self.seriesuids:
-            raise ValueError("the checkpoint's sampling anchors belong to another set of training scans (fold or datalist changed)")
+            raise InputError("the checkpoint's sampling anchors belong to another set of training scans (fold or datalist changed)")
         self.round = int(state["round"])
         self.anchors = np.asarray(state["anchors"], dtype=np.float32).reshape(-1, 5)
 

@@ -15,6 +15,7 @@ Add a row to extend the matrix.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from custom_components.errors import InputError
 from custom_components.io import LoadCTd, read_image
@@ -323,3 +325,115 @@ def test_real_scans_pass_unchanged_on_the_fast_path(
                 sitk.GetArrayViewFromImage(image), sitk.GetArrayFromImage(sitk.ReadImage(str(scan)))
             )
     assert len(scans) >= 2 and not caplog.records
+
+
+# ------------------------------------------------------------------ the workflows: monai.bundle run of each config
+#
+# Each row: (kind, make(tmp) -> (command arguments, the file the message must name), message fragment). Every row
+# runs `python -m monai.bundle run ...` in a subprocess and asserts exit status 2, exactly one `error:` line that
+# names the file and holds the fragment, and no traceback.
+
+
+def _model(tmp: Path, preset: str = "lean") -> Path:
+    from custom_components.network import build_network
+
+    torch.manual_seed(0)
+    path = tmp / f"{preset}.pt"
+    torch.save(build_network(preset).state_dict(), path)
+    return path
+
+
+def _scan(tmp: Path) -> Path:
+    return write(tmp / "scan.mhd", chest_hu())
+
+
+def _inference(tmp: Path, model: Path, input_path: Path, *extra: str) -> list[str]:
+    return ["--config_file", str(REPO / "configs" / "inference.json"), "--input", str(input_path),
+            "--output_dir", str(tmp / "out"), "--load_path", str(model), *extra]  # fmt: skip
+
+
+def infer_missing_input(tmp: Path):
+    return _inference(tmp, _model(tmp), tmp / "nowhere.mhd", "--network_preset", "lean"), tmp / "nowhere.mhd"
+
+
+def infer_empty_folder(tmp: Path):
+    (tmp / "empty").mkdir()
+    return _inference(tmp, _model(tmp), tmp / "empty", "--network_preset", "lean"), tmp / "empty"
+
+
+def infer_missing_model(tmp: Path):
+    return _inference(tmp, tmp / "gone.pt", _scan(tmp), "--network_preset", "lean"), tmp / "gone.pt"
+
+
+def infer_random_bytes_model(tmp: Path):
+    model = tmp / "random.pt"
+    model.write_bytes(np.random.default_rng(0).bytes(4096))
+    return _inference(tmp, model, _scan(tmp), "--network_preset", "lean"), model
+
+
+def infer_truncated_model(tmp: Path):
+    model = _model(tmp)
+    model.write_bytes(model.read_bytes()[:5000])
+    return _inference(tmp, model, _scan(tmp), "--network_preset", "lean"), model
+
+
+def infer_other_preset(tmp: Path):
+    model = _model(tmp, "lean")
+    return _inference(tmp, model, _scan(tmp), "--network_preset", "paper"), model
+
+
+def infer_unwritable_output(tmp: Path):
+    blocker = tmp / "out"
+    blocker.write_text("a file where the output folder should be")
+    return _inference(tmp, _model(tmp), _scan(tmp), "--network_preset", "lean"), blocker
+
+
+def _training(tmp: Path, datalist: Path, *extra: str) -> list[str]:
+    return ["training", "--config_file", f"['{REPO / 'configs' / 'train.json'}','{REPO / 'configs' / 'demo.json'}']",
+            "--bundle_root", str(tmp), "--data_list_file_path", str(datalist), "--fold", "-1", *extra]  # fmt: skip
+
+
+def train_missing_datalist(tmp: Path):
+    return _training(tmp, tmp / "datalist.json"), tmp / "datalist.json"
+
+
+def train_missing_image(tmp: Path):
+    datalist = tmp / "datalist.json"
+    datalist.write_text(json.dumps({"scans": [{"image": str(tmp / "gone.mhd"), "seriesuid": "1.2.3", "fold": 0}]}))
+    return _training(tmp, datalist), datalist
+
+
+def train_unwritable_checkpoints(tmp: Path):
+    datalist = tmp / "datalist.json"
+    scan = {"image": str(_scan(tmp)), "seriesuid": "1.2.3", "fold": 0, "nodules": [[0.0, 0.0, 0.0, 8.0]]}
+    datalist.write_text(json.dumps({"scans": [scan]}))
+    (tmp / "models").write_text("a file where the checkpoint folder should be")
+    return _training(tmp, datalist), tmp / "models"
+
+
+WORKFLOW_CASES = [
+    ("inference-missing-input", infer_missing_input, "no such file or folder"),
+    ("inference-empty-folder", infer_empty_folder, "no scan found"),
+    ("inference-missing-model", infer_missing_model, "model file not found"),
+    ("inference-random-bytes-model", infer_random_bytes_model, "not a readable model file"),
+    ("inference-truncated-model", infer_truncated_model, "not a readable model file"),
+    ("inference-other-preset", infer_other_preset, "do not fit the configured 'paper' network"),
+    ("inference-unwritable-output", infer_unwritable_output, "cannot write detections there"),
+    ("training-missing-datalist", train_missing_datalist, "file not found"),
+    ("training-missing-image", train_missing_image, "not found"),
+    ("training-unwritable-checkpoints", train_unwritable_checkpoints, "cannot write checkpoints there"),
+]
+
+
+@pytest.mark.parametrize("kind, make, fragment", WORKFLOW_CASES, ids=[c[0] for c in WORKFLOW_CASES])
+def test_workflow_command_line(kind, make, fragment, tmp_path: Path):
+    args, named = make(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args], check=False, cwd=REPO, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 2, run.stdout[-1500:] + run.stderr[-2000:]
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr[-2000:]
+    assert errors[0].startswith(f"error: {named}") and fragment in errors[0], errors[0]
