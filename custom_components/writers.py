@@ -344,21 +344,28 @@ class DetectionWriter:
         self.png = png
         self.png_top = int(png_top)
         self.failed: list[tuple[str, str]] = []
+        self.written: dict[str, str] = {}  # seriesuid -> the scan whose files carry it, in this run
 
     def attach(self, engine: Engine) -> None:
         writable_folder(self.output_dir, "detections")
-        engine.add_event_handler(Events.STARTED, lambda _: self.failed.clear())
+        engine.add_event_handler(Events.STARTED, lambda _: (self.failed.clear(), self.written.clear()))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self.report_failures)
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
         for scan in [output] if isinstance(output, dict) else output:
+            uid, path = str(scan.get("seriesuid", "")), str(scan["image_path"])
+            if "error" not in scan and uid in self.written:
+                # two scans of one run named alike (e.g. two image.mhd): the second must not overwrite the first
+                scan = {"image_path": path, "error": f"{path}: its identifier {uid!r} is also {self.written[uid]}'s, "
+                        "whose outputs it would overwrite; run the two apart or rename one"}
             if "error" in scan:
-                self.failed.append((str(scan["image_path"]), str(scan["error"])))
+                self.failed.append((path, str(scan["error"])))
                 logger.error(f"{scan['error']} (scan skipped)")
             else:
                 self.write_scan(scan)
+                self.written[uid] = path
 
     def report_failures(self, engine: Engine) -> None:
         """Write ``failed.csv`` (``image,error``, one row per scan that could not be read; only the header when none

@@ -142,8 +142,10 @@ def test_untrained_network_runs_on_a_real_scan_and_writes_every_output(lidc_dir,
 
 
 def test_a_folder_with_a_bad_scan_processes_the_good_ones_and_fails_loudly(tmp_path):
-    """good, bad, good: both good scans get every output, the bad one is named in failed.csv and on stderr's last
-    line, the run exits 2 with no traceback, and a file an earlier run wrote for the bad scan is left as it was."""
+    """good, bad, good, and a good scan named like the first: both good scans get every output, the bad one and the
+    namesake are listed in failed.csv (the namesake does not overwrite the first's files), the bad one is named on
+    stderr's last line, the run exits 2 with no traceback, and a file an earlier run wrote for the bad scan is left as
+    it was."""
     from custom_components.network import build_network
 
     torch.manual_seed(0)
@@ -153,6 +155,8 @@ def test_a_folder_with_a_bad_scan_processes_the_good_ones_and_fails_loudly(tmp_p
     direction = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     for name in ("a_good", "c_good"):
         _phantom(scans / f"{name}.mhd", (1.5, 1.5, 2.5), (-180.0, -150.0, -75.0), direction, (-32.0, 4.0, 7.5))
+    (scans / "same").mkdir()
+    _phantom(scans / "same" / "a_good.mhd", (1.5, 1.5, 2.5), (-180.0, -150.0, -75.0), direction, (-32.0, 4.0, 7.5))
     bad = scans / "b_bad.mhd"
     bad.write_text((scans / "a_good.mhd").read_text().replace("a_good.raw", "gone.raw"))
     out = tmp_path / "out"
@@ -167,10 +171,12 @@ def test_a_folder_with_a_bad_scan_processes_the_good_ones_and_fails_loudly(tmp_p
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 1 of 3 scans could not be read") and str(bad) in last, last
+    assert last.startswith("error: 2 of 4 scans could not be read") and str(bad) in last, last
     for name in ("a_good", "c_good"):
         for suffix in (".csv", ".json", ".mrk.json", ".png"):
             assert (out / f"{name}{suffix}").is_file(), name + suffix
     rows = (out / "failed.csv").read_text().splitlines()
-    assert rows[0] == "image,error" and len(rows) == 2 and rows[1].startswith(str(bad))
+    assert rows[0] == "image,error" and len(rows) == 3 and rows[1].startswith(str(bad))
+    # same/a_good.mhd is named like a_good.mhd: refused, not written over the first one's files
+    assert rows[2].startswith(str(scans / "same" / "a_good.mhd")) and "also" in rows[2]
     assert (out / "b_bad.csv").read_text() == "written by an earlier run\n"
