@@ -23,7 +23,7 @@ def realism(cohort: str | list[str], reference: str | list[str], out: str, seed:
         out: folder for the report files (created when missing).
         seed: seed of the lung HU subsample behind the distances.
     """
-    from custom_components.inference import list_scans
+    from custom_components.scan_files import list_scans
     from custom_components.realism import compare, scan_statistics
     from custom_components.realism_report import format_table, write_report
 

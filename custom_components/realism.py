@@ -4,7 +4,7 @@ Every statistic is measured the same way on generated and on real scans, from th
 (no preprocessing), so the two can be put side by side (``python -m bundle realism``, ``bundle/realism.py``):
 
 - **lung volume** (litres) and the **lung HU distribution**: the voxels of the *aerated lung*, i.e. the bundle's own
-  lung mask (:func:`custom_components.transforms.lung_mask`, on a ~2.5 mm grid) restricted to its air (HU < -400)
+  lung mask (:func:`custom_components.lung_mask.lung_mask`, on a ~2.5 mm grid) restricted to its air (HU < -400)
   with the holes of each axial slice filled (vessels and nodules enclosed by lung). The bundle's mask alone also holds
   the per-slice convex hull of each lung, which takes in the heart's notch and the concave pleura; its air with its
   enclosed holes is the lung a radiologist would outline. Its distance to the reference is the Wasserstein-1 (earth
@@ -51,7 +51,7 @@ from scipy.stats import wasserstein_distance
 
 from custom_components.errors import InputError
 from custom_components.io import read_image
-from custom_components.transforms import lung_mask
+from custom_components.lung_mask import lung_mask
 
 __all__ = [
     "HU_BINS",
@@ -134,7 +134,7 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
 def aerated_lung(hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray | None:
     """The aerated lung of ``hu`` ``(I, J, K)`` (HU, K the slice axis, voxel size ``spacing`` mm), ``None`` if none.
 
-    The bundle's lung mask (:func:`custom_components.transforms.lung_mask`) restricted to its air (HU < -400), with
+    The bundle's lung mask (:func:`custom_components.lung_mask.lung_mask`) restricted to its air (HU < -400), with
     the holes of each axial slice filled: vessels and nodules surrounded by lung belong to it, the chest wall, the
     heart's notch and the hilum (which the bundle's per-slice convex hull takes in) do not.
     """

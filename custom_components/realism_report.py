@@ -1,6 +1,6 @@
 """The realism report's outputs: the printed table, ``realism.json``, ``realism.csv``, ``realism_slices.png`` (mid-lung
 axial slices side by side, lung window) and ``realism_curves.png`` (lung HU histograms, vessel calibres, NPS).
-Every file is written atomically (``custom_components.utils.atomic_write``)."""
+Every file is written atomically (``custom_components.atomic.atomic_write``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from custom_components.realism import HU_BINS, ScanStatistics
-from custom_components.utils import atomic_write
+from custom_components.atomic import atomic_write
 
 __all__ = ["COLUMNS", "format_table", "write_report"]
 
