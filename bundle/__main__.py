@@ -45,14 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, attr, _ = COMMANDS[name]
     func = getattr(importlib.import_module(module), attr)
-    from custom_components.errors import InputError
+    from custom_components.errors import exit_status
 
-    try:
-        fire.Fire(func, command=argv[1:], name=f"python -m bundle {name}")
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: fire.Fire(func, command=argv[1:], name=f"python -m bundle {name}"))
 
 
 if __name__ == "__main__":

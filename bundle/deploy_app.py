@@ -51,7 +51,7 @@ from pydicom import Dataset
 
 from custom_components.detector import NoduleDetector
 from custom_components.dicom_sr import nodule_report, write_nodule_report
-from custom_components.errors import InputError
+from custom_components.errors import InputError, exit_status
 from custom_components.io import LoadCTd, LoadedImage, SimpleITKReader, check_ct_values
 from custom_components.scan_detection import detect_scan
 from custom_components.scan_files import seriesuid_of
@@ -387,12 +387,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         set_log_level(LogLevel.OFF)
         logging.basicConfig(level=logging.ERROR)
         warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-    try:
-        NoduleDetectionApp(args.input, args.output, args.model, device=args.device, png=args.png).run()
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(
+        lambda: NoduleDetectionApp(args.input, args.output, args.model, device=args.device, png=args.png).run()
+    )
 
 
 if __name__ == "__main__":

@@ -40,3 +40,16 @@ def input_error_in(exc: BaseException | None) -> InputError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def exit_status(command: Callable[[], Any]) -> int:
+    """Run a command-line tool's ``command()``: 0 when it returns, 2 with one ``error:`` line on stderr when it raises
+    :class:`InputError` (bad input), never a traceback for bad input. Other exceptions (bugs) propagate."""
+    import sys
+
+    try:
+        command()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

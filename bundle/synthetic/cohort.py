@@ -159,7 +159,7 @@ def synthesize_scan(seed: int, index: int, full_size: bool = False) -> Synthetic
     )
 
 
-def _header(grid: ScanGrid, raw_name: str) -> str:
+def metaimage_header(grid: ScanGrid, raw_name: str) -> str:
     """MetaImage header of a LUNA16 scan (uncompressed int16, identity direction)."""
     numbers = lambda values: " ".join(repr(float(v)) for v in values)  # noqa: E731 - shortest exact decimal
     return (
@@ -181,7 +181,7 @@ def write_scan(scan: SyntheticScan, out: str | os.PathLike) -> Path:
     with atomic_write(mhd.with_suffix(".raw"), "wb") as f:
         f.write(scan.image.astype("<i2", copy=False).tobytes())
     with atomic_write(mhd, "w") as f:
-        f.write(_header(scan.grid, mhd.with_suffix(".raw").name))
+        f.write(metaimage_header(scan.grid, mhd.with_suffix(".raw").name))
     return mhd
 
 

@@ -34,7 +34,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from bundle.synthetic.cohort import CSV_HEADER, HU_RANGE, UID_ROOT
+from bundle.synthetic.cohort import CSV_HEADER, HU_RANGE, UID_ROOT, metaimage_header
 from bundle.synthetic.insertion import (
     Imaging,
     Lesion,
@@ -507,24 +507,13 @@ def make_hybrid_scan(
     )
 
 
-def _header(grid: ScanGrid, raw_name: str) -> str:
-    numbers = lambda values: " ".join(repr(float(v)) for v in values)  # noqa: E731 - shortest exact decimal
-    return (
-        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\nCompressedData = False\n"
-        "TransformMatrix = 1 0 0 0 1 0 0 0 1\n"
-        f"Offset = {numbers(grid.origin)}\nCenterOfRotation = 0 0 0\nAnatomicalOrientation = RAI\n"
-        f"ElementSpacing = {numbers(grid.spacing)}\nDimSize = {' '.join(str(n) for n in grid.size)}\n"
-        f"ElementType = MET_SHORT\nElementDataFile = {raw_name}\n"
-    )
-
-
 def _write_scan(scan: HybridScan, out: Path) -> None:
     """``out/subsetK/<uid>.raw`` then its ``.mhd``, each atomically (a ``.mhd`` on disk always has its data)."""
     mhd = out / f"subset{scan.subset}" / f"{scan.seriesuid}.mhd"
     with atomic_write(mhd.with_suffix(".raw"), "wb") as f:
         f.write(scan.image.astype("<i2", copy=False).tobytes())
     with atomic_write(mhd, "w") as f:
-        f.write(_header(scan.grid, mhd.with_suffix(".raw").name))
+        f.write(metaimage_header(scan.grid, mhd.with_suffix(".raw").name))
 
 
 def _rows(uid: str, rows: list[list[float]]) -> list[str]:
