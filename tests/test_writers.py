@@ -252,8 +252,9 @@ def test_handler_writes_every_file_of_every_scan(tmp_path: Path, caplog: pytest.
 
     names = sorted(p.name for p in out.iterdir())
     suffixes = (".csv", ".json", ".mrk.json", ".png")
-    expected = sorted(f"{uid}{ext}" for uid in ("1.2.3", "1.2.4", "1.2.5") for ext in suffixes)
+    expected = sorted([f"{uid}{ext}" for uid in ("1.2.3", "1.2.4", "1.2.5") for ext in suffixes] + ["failed.csv"])
     assert names == expected  # and so no temporary file is left behind
+    assert (out / "failed.csv").read_text().splitlines() == ["image,error"]  # every scan written, none failed
     for uid, n in (("1.2.3", 3), ("1.2.4", 0), ("1.2.5", 2)):
         assert len(read_submission(out / f"{uid}.csv").get(uid, [])) == n
         assert len(json.loads((out / f"{uid}.json").read_text())["box"]) == n
