@@ -30,6 +30,7 @@ def export_untrained(folder: Path) -> tuple[Path, torch.nn.Module]:
         meta_file=str(REPO / "configs" / "metadata.json"),
         config_file=str(REPO / "configs" / "inference.json"),
         network_preset="lean",
+        amp="none",  # fp32, so that the app and monai.bundle run compare to every written decimal
     )
     return folder / "model.ts", network.eval()
 

@@ -79,7 +79,7 @@ def app_and_bundle_outputs(exported: Path, lidc_0001_dicom: Path, tmp_path_facto
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--input",
          str(lidc_0001_dicom), "--output_dir", str(root / "bundle"), "--load_path", str(exported.with_suffix(".pt")),
-         "--network_preset", "lean", "--device", "$torch.device('cpu')"],
+         "--network_preset", "lean", "--device", "$torch.device('cpu')", "--amp", "none"],
         cwd=REPO, check=True, stdout=subprocess.DEVNULL,
     )
     return {"status": status, "app": root / "app", "bundle": root / "bundle", "series": _series_folder(lidc_0001_dicom)}
