@@ -10,7 +10,6 @@ threshold defaults to 0 to push the full candidate cap through NMS (the slowest 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from bundle.bench_preprocess import DEFAULT_IMAGE, REPO
-from bundle.timing import print_profile, time_runs
+from bundle.timing import load_line, print_profile, time_runs
 from custom_components.errors import InputError
 
 
@@ -120,7 +119,7 @@ def bench_infer(
     for name, values in parts.items():
         print(f"  {name:<26} median {float(np.median(values[1:])):.2f} s")
     print(f"  peak RSS {stats['peak_rss_mb']:.0f} MiB" + (f", peak GPU memory {gpu_peak:.0f} MiB" if gpu_peak else ""))
-    print(f"  load average {os.getloadavg()[0]:.1f} (above the core count, wall times are inflated)")
+    print(f"  {load_line()}")
     if profile:
         print_profile(run_once, int(profile))
 

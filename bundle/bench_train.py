@@ -10,13 +10,12 @@ step, so the two runs give the augmentation's cost.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from bundle.timing import print_profile, time_runs
+from bundle.timing import load_line, print_profile, time_runs
 
 
 def _batch(batch_size: int, patch_size: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -124,6 +123,6 @@ def bench_train(
         share = alone["median_s"] / stats["median_s"]
         print(f"  the augmentation alone: median {alone['median_s'] * 1e3:.1f} ms per batch (min {alone['min_s'] * 1e3:.1f}), {100 * share:.0f} % of the median step")
     print(f"  peak RSS {stats['peak_rss_mb']:.0f} MiB" + (f", peak GPU memory {gpu_peak:.0f} MiB" if gpu_peak else ""))
-    print(f"  load average {os.getloadavg()[0]:.1f} (above the core count, wall times are inflated)")
+    print(f"  {load_line()}")
     if profile:
         print_profile(step, int(profile))

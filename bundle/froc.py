@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 
+from custom_components.atomic import writable_folder
 from custom_components.errors import InputError
 from custom_components.froc_report import format_table, write_report
 from custom_components.luna16_tables import score_files
@@ -34,6 +35,8 @@ def froc(
     for name, value in (("bootstrap", bootstrap), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InputError(f"--{name} must be a whole number >= 0, got {value!r}")
+    if out is not None:  # refuse before scoring, not after the bootstrap's work
+        writable_folder(out, "the FROC report")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = score_files(submission, annotations, excluded, seriesuids, bootstrap=bootstrap, seed=seed)

@@ -43,6 +43,9 @@ def insert_nodules(
         default_tables,
         generate_hybrid_cohort,
     )
+    from custom_components.atomic import writable_folder
+
+    writable_folder(out, "the cohort")
 
     if backgrounds is None:
         paths = default_backgrounds(REPO_ROOT)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from pathlib import Path
 
-from typing import Sequence
-
+from custom_components.atomic import writable_folder
 from custom_components.errors import InputError
 from custom_components.luna16 import build_datalist, merge_datalists, write_datalist
 
@@ -30,6 +30,7 @@ def prepare_luna16(
     roots = luna_root.split(",") if isinstance(luna_root, str) else [str(r) for r in luna_root]
     if len(roots) > 1 and (annotations or excluded):
         raise InputError("--annotations/--excluded name one root's tables: give one --luna-root with them")
+    writable_folder(out_path.parent, "the datalist")
     parts = [build_datalist(root, annotations=annotations, excluded=excluded) for root in roots]
     datalist = parts[0] if len(parts) == 1 else merge_datalists(parts)
     write_datalist(datalist, out_path)

@@ -23,12 +23,14 @@ def realism(cohort: str | list[str], reference: str | list[str], out: str, seed:
         out: folder for the report files (created when missing).
         seed: seed of the lung HU subsample behind the distances.
     """
+    from custom_components.atomic import writable_folder
     from custom_components.scan_files import list_scans
     from custom_components.realism import compare, scan_statistics
     from custom_components.realism_report import format_table, write_report
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
+    writable_folder(out, "the realism report")  # before minutes of measuring, not after
     groups = {"cohort": list_scans(cohort), "reference": list_scans(reference)}
     start = time.perf_counter()
     measured = {

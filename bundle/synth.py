@@ -20,7 +20,9 @@ def synth(out: str, scans: int = 40, seed: int = 0, full_size: bool = False, adu
         adult: the same as ``full_size`` (adult-sized chests), by the name the anatomy goes by.
     """
     from bundle.synthetic import generate_cohort
+    from custom_components.atomic import writable_folder
 
+    writable_folder(out, "the cohort")
     start = time.perf_counter()
     summary = generate_cohort(out, scans=scans, seed=seed, full_size=full_size or adult)
     seconds = time.perf_counter() - start

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
@@ -40,6 +41,13 @@ def time_runs(func: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dic
         "peak_rss_mb": peak_rss_mb(),
         "result": result,
     }
+
+
+def load_line() -> str:
+    """The 1-minute load average against the core count, as the benchmarks print it."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    verdict = "above the core count: wall times are inflated" if load > cores else f"at most the {cores} cores"
+    return f"load average {load:.1f} ({verdict})"
 
 
 def print_profile(func: Callable[[], object], top: int) -> None:

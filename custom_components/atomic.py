@@ -50,6 +50,8 @@ def writable_folder(folder: str | os.PathLike, what: str) -> Path:
     from custom_components.errors import InputError
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: cannot write {what} there (a file, not a folder)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

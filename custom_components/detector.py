@@ -42,7 +42,10 @@ class NoduleDetector(nn.Module):
         score_thresh, topk_candidates, nms_thresh, max_detections, soft_nms, soft_nms_sigma: see
             :func:`custom_components.postprocess.select_detections`.
         amp: mixed precision of the network (``False``, ``"bfloat16"``, ``"float16"``, ``True`` for the device's
-            own; :func:`custom_components.precision.autocast_dtype`), resolved on the input's device.
+            own; :func:`custom_components.precision.autocast_dtype`), resolved on the input's device. A TorchScript
+            network (the Deploy app's ``model.ts``) always runs in its own dtype: TorchScript's autocast ignores the
+            heads' opt-out (:class:`~custom_components.network.Float32Conv3d`) and would return bf16 logits, whose
+            ties scramble the candidate cap and the ranking.
         tile_size: whole-image passes run in tiles of at most ``tile_size**3`` input voxels
             (:func:`custom_components.tiling.plan_tiles`); ``None``: one pass over the whole image.
         tile_margin: context voxels around each tile's core (a multiple of 16).
@@ -155,7 +158,8 @@ class NoduleDetector(nn.Module):
 
     def _network(self, images: Tensor) -> list[Tensor]:
         """The network's head outputs for ``images (B, 1, I, J, K)`` under ``amp``, cast to float32."""
-        with autocast(self.amp, images.device):
+        amp = False if isinstance(self.network, torch.jit.ScriptModule) else self.amp
+        with autocast(amp, images.device):
             outputs = self.network(images)
         return [o.float() for o in outputs]
 

@@ -1,6 +1,6 @@
 """The model file (``models/model.pt``): the weights, and the network definition they were trained with.
 
-Training saves ``{"model": state_dict, "network_record": {"preset", "anchor_sizes"}}`` (MONAI's ``CheckpointSaver``
+Training saves ``{"model": state_dict, "network_record": {"preset", "anchor_sizes"}}`` (``checkpoint.BestModelSaver``
 with :class:`NetworkRecord` beside the network), so inference, evaluation, export and the Deploy app build the network
 the weights belong to without being told (:func:`recorded_preset`). A file holding a bare state dict (or
 ``{"model": state_dict}``) still loads; its preset is then the configured one. :func:`check_model_file` refuses a

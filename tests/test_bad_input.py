@@ -421,7 +421,7 @@ WORKFLOW_CASES = [
     ("inference-unwritable-output", infer_unwritable_output, "cannot write detections there"),
     ("training-missing-datalist", train_missing_datalist, "file not found"),
     ("training-missing-image", train_missing_image, "not found"),
-    ("training-unwritable-checkpoints", train_unwritable_checkpoints, "cannot write checkpoints there"),
+    ("training-unwritable-checkpoints", train_unwritable_checkpoints, "cannot write the model file there"),
 ]
 
 
@@ -437,3 +437,119 @@ def test_workflow_command_line(kind, make, fragment, tmp_path: Path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, run.stderr[-2000:]
     assert errors[0].startswith(f"error: {named}") and fragment in errors[0], errors[0]
+
+
+# ------------------------------------------------------------ the data tools: python -m bundle froc, prepare-luna16, ...
+#
+# Each row: (kind, make(tmp) -> (command arguments, the file the message must name), message fragment). Before each
+# run, ``tmp/earlier`` holds the outputs of a good run (a FROC report); every row asserts exit status 2, one `error:`
+# line naming the file with the fragment, no traceback, and ``tmp/earlier`` byte-identical afterwards.
+
+
+def _luna_tables(tmp: Path) -> dict[str, Path]:
+    tables = {
+        "annotations": "seriesuid,coordX,coordY,coordZ,diameter_mm\nA,0,0,0,10\n",
+        "excluded": "seriesuid,coordX,coordY,coordZ,diameter_mm\n",
+        "seriesuids": "A\nB\n",
+        "submission": "seriesuid,coordX,coordY,coordZ,probability\nA,1,0,0,0.9\nB,0,0,0,0.4\n",
+    }
+    for name, text in tables.items():
+        (tmp / f"{name}.csv").write_text(text)
+    return {name: tmp / f"{name}.csv" for name in tables}
+
+
+def _froc(tables: dict[str, Path], out: Path | None = None, **changed: Path) -> list[str]:
+    args = ["froc"] + [f"--{k}={v}" for k, v in {**tables, **changed}.items()]
+    return args + ([f"--out={out}"] if out is not None else [])
+
+
+def _blocker(tmp: Path) -> Path:
+    blocker = tmp / "blocker"
+    blocker.write_text("a file where a folder should be")
+    return blocker
+
+
+def froc_unwritable_out(tmp: Path):
+    return _froc(_luna_tables(tmp), _blocker(tmp)), tmp / "blocker"
+
+
+def froc_out_under_a_file(tmp: Path):
+    return _froc(_luna_tables(tmp), _blocker(tmp) / "report"), tmp / "blocker" / "report"
+
+
+def froc_missing_submission(tmp: Path):
+    return _froc(_luna_tables(tmp), tmp / "earlier", submission=tmp / "gone.csv"), tmp / "gone.csv"
+
+
+def froc_duplicate_seriesuid(tmp: Path):
+    (tmp / "dup.csv").write_text("A\nB\nA\n")
+    return _froc(_luna_tables(tmp), tmp / "earlier", seriesuids=tmp / "dup.csv"), tmp / "dup.csv"
+
+
+def froc_malformed_seriesuid(tmp: Path):
+    (tmp / "odd.csv").write_text("A\nB C\n")
+    return _froc(_luna_tables(tmp), tmp / "earlier", seriesuids=tmp / "odd.csv"), tmp / "odd.csv"
+
+
+def froc_bad_coordinate(tmp: Path):
+    (tmp / "bad.csv").write_text("seriesuid,coordX,coordY,coordZ,probability\nA,1,zero,0,0.9\n")
+    return _froc(_luna_tables(tmp), tmp / "earlier", submission=tmp / "bad.csv"), tmp / "bad.csv"
+
+
+def prepare_unwritable_out(tmp: Path):
+    cohort = tmp / "cohort"
+    (cohort / "subset0").mkdir(parents=True)
+    write(cohort / "subset0" / "1.2.3.mhd", chest_hu((16, 16, 8)))
+    _luna_tables(cohort)
+    return ["prepare-luna16", f"--luna-root={cohort}", f"--out={_blocker(tmp)}/datalist.json"], tmp / "blocker"
+
+
+def prepare_missing_root(tmp: Path):
+    return ["prepare-luna16", f"--luna-root={tmp / 'nowhere'}", f"--out={tmp / 'earlier'}"], tmp / "nowhere"
+
+
+def synth_unwritable_out(tmp: Path):
+    return ["synth", f"--out={_blocker(tmp)}", "--scans=1"], tmp / "blocker"
+
+
+def realism_unwritable_out(tmp: Path):
+    scan = _scan(tmp)
+    return ["realism", f"--cohort={scan}", f"--reference={scan}", f"--out={_blocker(tmp)}"], tmp / "blocker"
+
+
+TOOL_CASES = [
+    ("froc-unwritable-out", froc_unwritable_out, "cannot write the FROC report there (a file, not a folder)"),
+    ("froc-out-under-a-file", froc_out_under_a_file, "cannot write the FROC report there (Not a directory)"),
+    ("froc-missing-submission", froc_missing_submission, "file not found"),
+    ("froc-duplicate-seriesuid", froc_duplicate_seriesuid, "row 3: seriesuid A is already listed at row 1"),
+    ("froc-malformed-seriesuid", froc_malformed_seriesuid, "row 2: 'B C' is not a seriesuid"),
+    ("froc-bad-coordinate", froc_bad_coordinate, "row 2: coordY is 'zero', not a finite number"),
+    ("prepare-unwritable-out", prepare_unwritable_out, "cannot write the datalist there (a file, not a folder)"),
+    ("prepare-missing-root", prepare_missing_root, "not a folder"),
+    ("synth-unwritable-out", synth_unwritable_out, "cannot write the cohort there (a file, not a folder)"),
+    ("realism-unwritable-out", realism_unwritable_out, "cannot write the realism report there (a file, not a folder)"),
+]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind, make, fragment", TOOL_CASES, ids=[c[0] for c in TOOL_CASES])
+def test_tool_command_line(kind, make, fragment, tmp_path: Path):
+    earlier, good = tmp_path / "earlier", tmp_path / "good"
+    good.mkdir()
+    run = [sys.executable, "-m", "bundle"]
+    subprocess.run([*run, *_froc(_luna_tables(good), earlier), "--bootstrap=0"], check=True, cwd=REPO, capture_output=True)
+    before = _files(earlier)
+    assert sorted(before) == ["froc.csv", "froc.json", "froc.png"]
+    args, named = make(tmp_path)
+    result = subprocess.run([*run, *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip(), result.stderr[-2000:]
+    assert errors[0].startswith(f"error: {named}") and fragment in errors[0], errors[0]
+    assert _files(earlier) == before
+    if (tmp_path / "blocker").exists():
+        assert (tmp_path / "blocker").read_text() == "a file where a folder should be"

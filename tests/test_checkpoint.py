@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.checkpoint import ResumableCheckpoint, latest_checkpoint
+from custom_components.checkpoint import BestModelSaver, ResumableCheckpoint, latest_checkpoint
 
 
 class _Counter:
@@ -90,3 +90,51 @@ def test_a_round_judges_the_loss_plateau_on_its_own_losses():
     # round 1 (epochs 5-8) never beats round 0's 1.0, which would decay at epoch 7, but falls within 2 epochs of its
     # start; round 2 (epochs 9-12) stays flat: 3 epochs without a better loss, more than the patience of 2
     assert lrs == pytest.approx([0.1] * 11 + [0.01])
+
+
+def _validation(saver: BestModelSaver, scores: list[float], net: torch.nn.Module) -> list[bytes]:
+    """Run one evaluator epoch per score (the weights change each time); the model file's bytes after each."""
+    written = []
+    for score in scores:
+        with torch.no_grad():
+            net.weight.fill_(score)
+        evaluator = Engine(lambda engine, batch: None)
+        saver.attach(evaluator)
+
+        @evaluator.on(Events.EPOCH_COMPLETED)
+        def _metric(engine: Engine, value: float = score) -> None:
+            engine.state.metrics["cpm"] = value
+
+        evaluator.run([0])
+        written.append(saver.path.read_bytes() if saver.path.exists() else b"")
+    return written
+
+
+def test_the_model_file_follows_the_best_score_and_a_resumed_run_keeps_it(tmp_path):
+    net = torch.nn.Linear(1, 1)
+    saver = BestModelSaver(tmp_path, {"model": net}, "cpm")
+    after = _validation(saver, [0.5, 0.4, 0.5, 0.7], net)
+    # written at 0.5; kept at 0.4 and at the tie; replaced at 0.7
+    assert after[0] == after[1] == after[2] != after[3]
+    assert torch.load(saver.path)["model"]["weight"].item() == pytest.approx(0.7)
+    resumed = BestModelSaver(tmp_path, {"model": net}, "cpm")
+    resumed.load_state_dict(saver.state_dict())
+    assert _validation(resumed, [0.6], net) == [after[3]], "a resumed run does not replace the best with a worse model"
+
+
+def test_a_failed_write_leaves_the_best_model_whole(tmp_path, monkeypatch):
+    """MONAI's CheckpointSaver deletes model.pt before writing the new one in place; this saver replaces it only once
+    the new file is complete."""
+    net = torch.nn.Linear(1, 1)
+    saver = BestModelSaver(tmp_path, {"model": net}, "cpm")
+    before = _validation(saver, [0.5], net)[0]
+
+    def half_then_fail(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        _validation(saver, [0.9], net)
+    assert saver.path.read_bytes() == before and saver.best == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"], "no partial file is left"

@@ -30,7 +30,6 @@ def export_untrained(folder: Path) -> tuple[Path, torch.nn.Module]:
         meta_file=str(REPO / "configs" / "metadata.json"),
         config_file=str(REPO / "configs" / "inference.json"),
         network_preset="lean",
-        amp="none",  # fp32, so that the app and monai.bundle run compare to every written decimal
     )
     return folder / "model.ts", network.eval()
 
@@ -56,3 +55,20 @@ def test_export_embeds_configs_and_scripts_the_network(exported: tuple[Path, tor
     with torch.no_grad():
         for got, want in zip(scripted(x), network(x)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_detector_runs_a_torchscript_network_in_float32_whatever_amp(exported: tuple[Path, torch.nn.Module]) -> None:
+    """TorchScript's autocast casts every convolution, the heads' float32 one too (bf16 logits); so the detector runs a
+    scripted network without autocast: its detections with ``amp="bfloat16"`` are the eager network's in fp32."""
+    from custom_components.detector import NoduleDetector
+
+    path, network = exported
+    scripted = torch.jit.load(str(path))
+    x = torch.rand(1, 1, 48, 64, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert scripted(x)[0].dtype == torch.bfloat16, "TorchScript's own autocast (what the detector avoids)"
+    got = NoduleDetector(scripted, score_thresh=0.0, amp="bfloat16")(x)[0]
+    want = NoduleDetector(network, score_thresh=0.0, amp=False)(x)[0]
+    assert len(want["label_scores"]) > 0
+    for key in ("cube", "label_scores"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)

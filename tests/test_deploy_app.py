@@ -72,7 +72,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def app_and_bundle_outputs(exported: Path, lidc_0001_dicom: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The application on the LIDC-IDRI-0001 DICOM folder, and ``python -m monai.bundle run --config_file
-    configs/inference.json`` on the same series with the same weights (``model.pt`` of the exported network)."""
+    configs/inference.json`` on the same series with the same weights (``model.pt`` of the exported network), in
+    fp32: the detector runs a TorchScript network in its own dtype whatever ``amp`` says (see ``NoduleDetector``)."""
     root = tmp_path_factory.mktemp("deploy")
     status = main(["--input", str(lidc_0001_dicom), "--output", str(root / "app"), "--model", str(exported),
                    "--device", "cpu"])
@@ -97,50 +98,18 @@ def test_detection_operator_reads_the_embedded_config(exported: Path) -> None:
     assert op.image_key == "image"
 
 
-def _assert_same_marks(got: list, want: list) -> None:
-    """Each of the top 3 marks ``(x, y, z, p)`` of ``got`` has one in ``want`` within 0.01 mm and 1e-5 noduleness, and
-    vice versa (the 100-mark cap admits near-ties at its edge in either order, so the last rows may differ)."""
-    a, b = np.asarray(got, dtype=float).reshape(-1, 4), np.asarray(want, dtype=float).reshape(-1, 4)
-    assert len(a) == len(b) > 0
-    # the untrained network scores nearly every cell about 0.5: below the top marks, near-ties decided by the last float
-    # digits cascade through NMS, so only the top three marks are compared (issue 10's exact equality: see the notes)
-    a, b = a[np.argsort(-a[:, 3], kind="stable")][:3], b[np.argsort(-b[:, 3], kind="stable")][:3]
-    close = (np.abs(a[:, None, :3] - b[None, :, :3]).max(axis=2) <= 0.0105) & (np.abs(a[:, None, 3] - b[None, :, 3]) <= 1e-5)
-    assert close.any(axis=1).all() and close.any(axis=0).all()
-
-
-def _by_value(rows: list) -> list:
-    """Rows in a canonical order: the files list detections by noduleness, and where two scores agree to the written
-    decimals their order follows float differences below them (the TorchScript network against the eager one)."""
-    return sorted(rows, key=json.dumps)
-
-
 def test_app_on_lidc_dicom_writes_what_the_bundle_writes(app_and_bundle_outputs: dict) -> None:
     """Exit status 0; CSV, JSON, markups, PNG and SR named by the SeriesInstanceUID; the CSV, the JSON and the markups
-    hold exactly what ``configs/inference.json`` writes for the same series (every value as written, the same rows;
-    rows whose scores agree to the written decimals may come in another order)."""
+    are byte for byte what ``configs/inference.json`` writes for the same series with the same weights (the app reads
+    the series with the SDK's operators and runs the TorchScript network, the bundle reads it with ITK and runs the
+    eager network: the same voxels, the same arithmetic)."""
     out, ref = app_and_bundle_outputs["app"], app_and_bundle_outputs["bundle"]
     assert app_and_bundle_outputs["status"] == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(LIDC_0001_UID + s for s in SUFFIXES)
-    rows, expected = _rows(out / f"{LIDC_0001_UID}.csv"), _rows(ref / f"{LIDC_0001_UID}.csv")
+    rows = _rows(out / f"{LIDC_0001_UID}.csv")
     assert len(rows) > 0 and {r["seriesuid"] for r in rows} == {LIDC_0001_UID}
-    # the same marks: row for row a mark within 0.01 mm and 1e-5 noduleness (TorchScript and eager convolutions differ
-    # in the last float digits, so the written values may differ in their last decimal and near-ties may swap)
-    _assert_same_marks([[float(r[k]) for k in ("coordX", "coordY", "coordZ", "probability")] for r in rows],
-                       [[float(r[k]) for k in ("coordX", "coordY", "coordZ", "probability")] for r in expected])
-
-    got, want = (json.loads((folder / f"{LIDC_0001_UID}.json").read_text()) for folder in (out, ref))
-    assert {k: v for k, v in got.items() if k not in ("box", "label_scores")} == {
-        k: v for k, v in want.items() if k not in ("box", "label_scores")}
-    _assert_same_marks([[*b[:3], s] for b, s in zip(got["box"], got["label_scores"])],
-                       [[*b[:3], s] for b, s in zip(want["box"], want["label_scores"])])
-
-    got, want = (json.loads((folder / f"{LIDC_0001_UID}.mrk.json").read_text()) for folder in (out, ref))
-    points = [m.pop("controlPoints") for m in got["markups"] + want["markups"]]
-    assert got == want
-    assert len(points[0]) == len(points[1])
-    for a, b in zip(points[0][:3], points[1][:3]):  # highest noduleness first, as _assert_same_marks compares them
-        np.testing.assert_allclose(a["position"], b["position"], atol=0.0105)
+    for suffix in (".csv", ".json", ".mrk.json"):
+        assert (out / f"{LIDC_0001_UID}{suffix}").read_bytes() == (ref / f"{LIDC_0001_UID}{suffix}").read_bytes(), suffix
 
 
 def test_structured_report_references_the_series_and_holds_the_csv_points(app_and_bundle_outputs: dict) -> None:

@@ -150,6 +150,105 @@ def test_a_killed_training_resumes_with_its_sampling_anchors(cohort, tmp_path):
     assert (ckpt / f"checkpoint_epoch={epoch + 1}.pt").exists()
 
 
+#: Runs ``python -m monai.bundle run training`` in a process that SIGKILLs itself at a chosen point: ``{patch}`` wraps
+#: one function of the bundle so that the kill lands exactly there, not wherever a poll happens to catch the run.
+_KILLED_AT = """
+import os, runpy, signal, sys
+{patch}
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def _killed_run(patch: str, cohort: Path, bundle_root: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = _training_command(cohort, bundle_root, *args)
+    driver = [sys.executable, "-c", _KILLED_AT.format(patch=patch), *cmd[3:]]
+    out = subprocess.run(driver, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _resume(cohort: Path, bundle_root: Path, epochs: int) -> str:
+    out = subprocess.run(
+        _training_command(cohort, bundle_root, "--epochs", str(epochs), "--resume", "true"),
+        cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def _metrics_epochs(bundle_root: Path) -> list[int]:
+    with (bundle_root / "eval" / "metrics.csv").open(newline="") as f:
+        return [int(r["epoch"]) for r in __import__("csv").DictReader(f)]
+
+
+def test_killed_during_provisional_testing_resumes_at_the_rounds_last_epoch(cohort, tmp_path):
+    """SIGKILL after the first scan of round 0's provisional test (end of epoch 2): the checkpoint of epoch 2 is never
+    written (the checkpoint follows the round's end), so the run resumes from epoch 1 with round 0's anchors, trains
+    epoch 2 again and redoes the whole provisional test; the checkpoints after it hold round 1's anchors."""
+    patch = (
+        "import custom_components.rounds as rounds\n"
+        "detect, calls = rounds.detect_scan, []\n"
+        "def detect_then_die(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return detect(*a, **k)\n"
+        "rounds.detect_scan = detect_then_die\n"
+    )
+    _killed_run(patch, cohort, tmp_path, "--epochs", "50")
+    ckpt = tmp_path / "models"
+    assert sorted(p.name for p in ckpt.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"]
+    assert torch.load(ckpt / "checkpoint_epoch=1.pt", weights_only=False)["anchors"]["round"] == 0
+
+    log = _resume(cohort, tmp_path, 3)
+    assert f"resumed from {ckpt / 'checkpoint_epoch=1.pt'} at epoch 1" in log
+    assert log.count("round 1 begins after provisional testing") == 1
+    # one checkpoint is kept (n_saved 1): epoch 3's, trained on round 1's anchors
+    assert sorted(p.name for p in ckpt.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=3.pt"]
+    saved = torch.load(ckpt / "checkpoint_epoch=3.pt", weights_only=False)["anchors"]
+    assert saved["round"] == 1 and (np.asarray(saved["anchors"])[:, 4] == 1).any()
+    assert _metrics_epochs(tmp_path) == [1, 2, 3]
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_one_before(cohort, tmp_path):
+    """SIGKILL half-way through writing ``checkpoint_epoch=3.pt`` (half of its bytes on disk, in the temporary file):
+    no ``checkpoint_epoch=3.pt`` appears, epoch 2's stays whole (it is removed only after its successor is written) and
+    is where the run resumes; the partial file is cleared and epoch 3 is trained again."""
+    patch = (
+        "import io, torch\n"
+        "save, checkpoints = torch.save, []\n"
+        "def save_half_then_die(obj, f, *a, **k):\n"
+        "    checkpoints.extend([1] if isinstance(obj, dict) and 'trainer' in obj else [])\n"
+        "    if len(checkpoints) != 3 or not isinstance(obj, dict) or 'trainer' not in obj:\n"
+        "        return save(obj, f, *a, **k)\n"
+        "    buffer = io.BytesIO()\n"
+        "    save(obj, buffer, *a, **k)\n"
+        "    f.write(buffer.getvalue()[: buffer.tell() // 2])\n"
+        "    f.flush()\n"
+        "    os.fsync(f.fileno())\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = save_half_then_die\n"
+    )
+    _killed_run(patch, cohort, tmp_path, "--epochs", "50")
+    from custom_components.atomic import partial_writes
+
+    ckpt = tmp_path / "models"
+    assert sorted(p.name for p in ckpt.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=2.pt"]
+    partial = partial_writes(ckpt)
+    assert len(partial) == 1 and partial[0].name.startswith(".checkpoint_epoch=3.pt.") and partial[0].stat().st_size > 0
+    assert torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=False)["anchors"]["round"] == 1
+
+    log = _resume(cohort, tmp_path, 3)
+    assert f"resumed from {ckpt / 'checkpoint_epoch=2.pt'} at epoch 2" in log
+    assert not partial_writes(ckpt)
+    # the checkpoint keeps one epoch (n_saved 1): epoch 3's replaced epoch 2's once it was whole
+    assert sorted(p.name for p in ckpt.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=3.pt"]
+    saved = torch.load(ckpt / "checkpoint_epoch=3.pt", weights_only=False)
+    assert saved["trainer"]["iteration"] == 3 * saved["trainer"]["epoch_length"]
+    assert _metrics_epochs(tmp_path) == [1, 2, 3]
+
+
 def test_multi_gpu_config_runs_with_two_processes_on_cpu(cohort, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
