@@ -331,7 +331,7 @@ def test_real_scans_pass_unchanged_on_the_fast_path(
 #
 # Each row: (kind, make(tmp) -> (command arguments, the file the message must name), message fragment). Every row
 # runs `python -m monai.bundle run ...` in a subprocess and asserts exit status 2, exactly one `error:` line that
-# names the file and holds the fragment, and no traceback.
+# names the file and holds the fragment, no traceback, and every file that was there before byte-identical.
 
 
 def _model(tmp: Path, preset: str = "lean") -> Path:
@@ -428,6 +428,10 @@ WORKFLOW_CASES = [
 @pytest.mark.parametrize("kind, make, fragment", WORKFLOW_CASES, ids=[c[0] for c in WORKFLOW_CASES])
 def test_workflow_command_line(kind, make, fragment, tmp_path: Path):
     args, named = make(tmp_path)
+    if not (tmp_path / "out").exists():  # an earlier run's output, which a refused run must leave as it was
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "1.2.3.csv").write_text("seriesuid,coordX,coordY,coordZ,probability\n")
+    before = _files(tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", *args], check=False, cwd=REPO, capture_output=True, text=True,
         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -437,6 +441,8 @@ def test_workflow_command_line(kind, make, fragment, tmp_path: Path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, run.stderr[-2000:]
     assert errors[0].startswith(f"error: {named}") and fragment in errors[0], errors[0]
+    after = _files(tmp_path)
+    assert {name: after.get(name) for name in before} == before, "a refused run changed an earlier file"
 
 
 # ------------------------------------------------------------ the data tools: python -m bundle froc, prepare-luna16, ...
