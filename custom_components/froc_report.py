@@ -4,9 +4,11 @@ is written atomically (``custom_components.atomic.atomic_write``)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,14 @@ from custom_components.luna16_tables import write_submission
 
 logger = get_logger("nodule_detection")
 
-__all__ = ["format_table", "result_to_dict", "write_json", "write_curve_csv", "plot_froc", "write_report", "FROCReport"]
+__all__ = [
+    "format_table", "result_to_dict", "write_json", "write_curve_csv", "plot_froc", "write_report", "FROCReport",
+    "SLICE_BANDS_MM", "slice_bands", "format_band_table", "write_band_csv",
+]
+
+#: Edges of the slice-thickness bands results are reported in: thin (<= 1.5 mm, LUNA16's typical 0.6-1.25 mm), medium
+#: (<= 3 mm: 2-2.5 mm, LIDC-IDRI's older scans) and thick (> 3 mm: the 5 mm of many clinical archives).
+SLICE_BANDS_MM = (1.5, 3.0)
 
 
 def _ci(low: float, high: float) -> str:
@@ -172,6 +181,53 @@ def write_report(result: FROCResult, out_dir: str | os.PathLike, title: str = "F
         "csv": write_curve_csv(result, out / "froc.csv"),
         "png": plot_froc(result, out / "froc.png", title=title),
     }
+
+
+def slice_bands(
+    slice_mm: Mapping[str, float], edges: Sequence[float] = SLICE_BANDS_MM
+) -> list[tuple[str, list[str]]]:
+    """The scans of ``slice_mm`` (seriesuid -> slice spacing in mm) grouped by ``edges``: ``[(label, seriesuids), ...]``
+    from the thinnest band up, empty bands left out; a scan on an edge belongs to the band below it."""
+    bounds = [0.0, *sorted(float(e) for e in edges), math.inf]
+    bands = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        label = f"<= {hi:g} mm" if lo == 0 else (f"> {lo:g} mm" if math.isinf(hi) else f"{lo:g}-{hi:g} mm")
+        members = sorted(u for u, mm in slice_mm.items() if lo < mm <= hi)
+        if members:
+            bands.append((label, members))
+    return bands
+
+
+def _band_row(label: str, result: FROCResult) -> dict[str, Any]:
+    ci = result.ci
+    return {
+        "band": label, "scans": result.scans, "nodules": result.nodules, "hits": result.hits,
+        "false_positives": result.false_positives, "cpm": round(result.cpm, 6),
+        "cpm_lower": round(ci.cpm_lower, 6) if ci else "", "cpm_upper": round(ci.cpm_upper, 6) if ci else "",
+        "froc_new": round(result.froc_new, 6),
+    }
+
+
+def format_band_table(results: Sequence[tuple[str, FROCResult]]) -> str:
+    """One line per slice-thickness band: scans, nodules, hits, FP/scan, CPM (with its CI when bootstrapped),
+    FROC[new]."""
+    lines = [f"{'slice band':<12} {'scans':>5} {'nodules':>7} {'hits':>5} {'FP/scan':>8}  {'CPM':>6}  {'CI':<16}  FROC[new]"]
+    for label, r in results:
+        ci = _ci(r.ci.cpm_lower, r.ci.cpm_upper) if r.ci else ""
+        lines.append(f"{label:<12} {r.scans:>5} {r.nodules:>7} {r.hits:>5} {r.false_positives / r.scans:>8.2f}  "
+                     f"{r.cpm:>6.4f}  {ci:<16}  {r.froc_new:.4f}")
+    return "\n".join(lines)
+
+
+def write_band_csv(results: Sequence[tuple[str, FROCResult]], path: str | os.PathLike) -> Path:
+    """Write :func:`format_band_table`'s figures as CSV (``band,scans,nodules,hits,false_positives,cpm,cpm_lower,
+    cpm_upper,froc_new``)."""
+    rows = [_band_row(label, r) for label, r in results]
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(_band_row("", results[0][1])) if results else ["band"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
 
 
 class FROCReport:

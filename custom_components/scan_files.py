@@ -12,7 +12,7 @@ from monai.data import Dataset
 from custom_components.errors import InputError, input_error_in
 from custom_components.io import IMAGE_SUFFIXES
 
-__all__ = ["list_scans", "seriesuid_of", "ScanDataset"]
+__all__ = ["list_scans", "seriesuid_of", "slice_spacing_mm", "ScanDataset"]
 
 
 def _is_image_file(path: Path) -> bool:
@@ -69,6 +69,20 @@ def seriesuid_of(image: Any, path: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def slice_spacing_mm(path: str | os.PathLike) -> float:
+    """The voxel size along a scan file's third axis (k: the slice spacing of an axial CT, as LUNA16's ``.mhd``
+    ``ElementSpacing`` gives it), mm, read from the header alone. Raises :class:`InputError` for an unreadable file."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise InputError(f"{path}: cannot read the image header ({str(err).strip().splitlines()[-1]})") from err
+    return float(reader.GetSpacing()[2])
 
 
 class ScanDataset(Dataset):

@@ -463,6 +463,58 @@ def test_cli_bad_input_is_one_error_line(luna_like, tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {bad}: row 2: probability is 'x', not a finite number"]
 
 
+def _banded_cohort(root: Path) -> tuple[Path, ...]:
+    """Scans 1.1 (1 mm slices), 1.2 (2.5 mm) and 1.3 (5 mm), one nodule each, in ``root/subset0``; a submission that hits
+    the first two nodules and misses the third."""
+    import SimpleITK as sitk
+
+    (root / "subset0").mkdir(parents=True)
+    for uid, z in (("1.1", 1.0), ("1.2", 2.5), ("1.3", 5.0)):
+        image = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16))
+        image.SetSpacing((0.7, 0.7, z))
+        sitk.WriteImage(image, str(root / "subset0" / f"{uid}.mhd"))
+    ann = _write(root / "annotations.csv",
+                 "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.1,0,0,0,10\n1.2,0,0,0,10\n1.3,0,0,0,10\n")
+    exc = _write(root / "annotations_excluded.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    uids = _write(root / "seriesuids.csv", "1.1\n1.2\n1.3\n")
+    sub = _write(root / "submission.csv",
+                 "seriesuid,coordX,coordY,coordZ,probability\n1.1,1,0,0,0.9\n1.2,0,1,0,0.8\n1.3,50,0,0,0.7\n")
+    return ann, exc, uids, sub
+
+
+def test_cli_scores_each_slice_thickness_band(tmp_path):
+    ann, exc, uids, sub = _banded_cohort(tmp_path / "cohort")
+    out = tmp_path / "report"
+    rc = main(["froc", "--annotations", str(ann), "--excluded", str(exc), "--seriesuids", str(uids),
+               "--submission", str(sub), "--out", str(out), "--bootstrap", "0", "--scans", str(tmp_path / "cohort")])
+    assert rc == 0
+    with (out / "froc_bands.csv").open(newline="") as f:
+        rows = {r["band"]: r for r in __import__("csv").DictReader(f)}
+    assert list(rows) == ["<= 1.5 mm", "1.5-3 mm", "> 3 mm"]
+    assert [(rows[b]["scans"], rows[b]["hits"], float(rows[b]["cpm"])) for b in rows] == [
+        ("1", "1", 1.0), ("1", "1", 1.0), ("1", "0", 0.0)]
+    # one band over all three: the overall figures
+    rc = main(["froc", "--annotations", str(ann), "--excluded", str(exc), "--seriesuids", str(uids),
+               "--submission", str(sub), "--out", str(out), "--bootstrap", "0", "--scans", str(tmp_path / "cohort"),
+               "--slice_bands", "[10]"])
+    with (out / "froc_bands.csv").open(newline="") as f:
+        (row,) = list(__import__("csv").DictReader(f))
+    assert (row["band"], row["scans"], row["hits"]) == ("<= 10 mm", "3", "2")
+    assert float(row["cpm"]) == pytest.approx(json.loads((out / "froc.json").read_text())["cpm"])
+
+
+def test_cli_bands_refuse_a_scan_folder_without_the_evaluated_scans(tmp_path):
+    ann, exc, uids, sub = _banded_cohort(tmp_path / "cohort")
+    (tmp_path / "cohort" / "subset0" / "1.3.mhd").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundle", "froc", "--annotations", str(ann), "--excluded", str(exc),
+         "--seriesuids", str(uids), "--submission", str(sub), "--scans", str(tmp_path / "cohort")],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'cohort'}: 1 evaluated scan(s) not found, e.g. 1.3"]
+
+
 # ------------------------------------------------------------------------------------------------ real LUNA16 files
 
 
