@@ -30,7 +30,7 @@ def realism(cohort: str | list[str], reference: str | list[str], out: str, seed:
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
-    writable_folder(out, "the realism report")  # before minutes of measuring, not after
+    writable_folder(out, "the realism report", create=False)  # before minutes of measuring; made only when written
     groups = {"cohort": list_scans(cohort), "reference": list_scans(reference)}
     start = time.perf_counter()
     measured = {

@@ -44,17 +44,24 @@ def partial_writes(folder: str | os.PathLike) -> list[Path]:
     return sorted(Path(folder).glob(f".*{_PARTIAL_SUFFIX}"))
 
 
-def writable_folder(folder: str | os.PathLike, what: str) -> Path:
-    """Create ``folder`` if needed and check a file can be written in it, so that a run refuses at its start, not
-    after an epoch's work. Raises :class:`InputError` naming the folder, ``what`` goes there and the OS's reason."""
+def writable_folder(folder: str | os.PathLike, what: str, create: bool = True) -> Path:
+    """Check a file can be written in ``folder`` (creating it, unless ``create`` is false: then its nearest existing
+    ancestor is checked and nothing is made), so that a run refuses at its start, not after an epoch's work. Raises
+    :class:`InputError` naming the folder, ``what`` goes there and the OS's reason."""
     from custom_components.errors import InputError
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: cannot write {what} there (a file, not a folder)")
+    probe = folder
+    if not create:
+        probe = next(p for p in (folder, *folder.parents) if p.exists())
+        if not probe.is_dir():
+            raise InputError(f"{folder}: cannot write {what} there ({probe} is a file, not a folder)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:
         raise InputError(f"{folder}: cannot write {what} there ({err.strerror or err})") from err

@@ -231,7 +231,13 @@ def test_cli_bad_input(tmp_path: Path):
     broken.write_text("NDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\nElementDataFile = x.raw\n")
     line = _one_error(_cli("--cohort", str(broken), "--reference", str(real), "--out", str(tmp_path / "o")))
     assert line.startswith(f"error: {broken}")
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists()  # refused before measuring, and no empty report folder left behind
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = blocker / "sub" / "o"
+    assert _one_error(_cli("--cohort", str(real), "--reference", str(real), "--out", str(out))) == (
+        f"error: {out}: cannot write the realism report there ({blocker} is a file, not a folder)"
+    )
 
 
 def test_scan_statistics_rejects_a_volume_without_lungs(tmp_path: Path):
