@@ -1,8 +1,9 @@
-"""Refuse a training run whose settings cannot work, before any scan is read.
+"""Refuse a run (training or inference) whose settings cannot work, before any scan is read.
 
 Without this, a bad value ends deep inside a library, after the cache of every scan was built: ``--epochs 0`` as
 Ignite's ``ValueError: Argument max_epochs is invalid``, ``--batch_size 0`` as a ``DataLoader`` traceback,
-``--learning_rate -1`` as SGD's. Each rule here gives one ``error:`` line naming the setting, its value and what it
+``--learning_rate -1`` as SGD's, ``--tile_size 40`` as the tiling's ``ValueError``; and ``--png_top -1`` silently
+drew a PNG titled "no detections" for a scan with marks. Each rule here gives one ``error:`` line naming the setting, its value and what it
 must be (through :mod:`custom_components.cli_errors`).
 """
 
@@ -12,6 +13,11 @@ import math
 from typing import Any
 
 from custom_components.errors import InputError
+from custom_components.network import SIZE_DIVISIBLE
+from custom_components.tiling import DEFAULT_TILE_MARGIN
+
+#: The smallest tile whose core survives its margins (:func:`custom_components.tiling.plan_tiles`).
+MIN_TILE_SIZE = SIZE_DIVISIBLE + 2 * DEFAULT_TILE_MARGIN
 
 
 def _whole(value: Any) -> bool:
@@ -41,6 +47,12 @@ _RULES: dict[str, tuple[bool, float | None, float | None, bool]] = {
     "pos_iou": (False, 0, 1, True),
     "neg_iou": (False, 0, 1, False),
     "fp_score_threshold": (False, 0, 1, False),
+    "score_threshold": (False, 0, 1, False),
+    "nms_threshold": (False, 0, 1, True),
+    "max_detections": (True, 1, None, False),
+    "png_top": (True, 0, None, False),
+    "sliding_window_size": (True, SIZE_DIVISIBLE, None, False),
+    "tile_size": (True, 0, None, False),
 }
 
 
@@ -53,9 +65,10 @@ def _expectation(whole: bool, low: float | None, high: float | None, low_exclude
     return kind
 
 
-def check_training_settings(**settings: Any) -> None:
-    """Raise :class:`InputError` for the first setting (in :data:`_RULES`' order) that breaks its rule, or for
-    ``neg_iou >= pos_iou`` (no anchor could be both below the negative and above the positive overlap).
+def check_settings(**settings: Any) -> None:
+    """Raise :class:`InputError` for the first setting (in :data:`_RULES`' order) that breaks its rule, for a
+    ``tile_size`` other than 0 (one pass) below :data:`MIN_TILE_SIZE`, or for ``neg_iou >= pos_iou`` (no anchor could
+    be both below the negative and above the positive overlap).
 
     Args:
         settings: config id -> resolved value, e.g. ``epochs=@epochs``; every name must be a key of :data:`_RULES`.
@@ -74,11 +87,17 @@ def check_training_settings(**settings: Any) -> None:
             ok = value <= high
         if not ok:
             raise InputError(
-                f"training setting {name} = {value!r}: expected {_expectation(whole, low, high, low_excluded)} "
+                f"setting {name} = {value!r}: expected {_expectation(whole, low, high, low_excluded)} "
                 f"(set it with --{name})"
             )
+    tile_size = settings.get("tile_size", 0)
+    if 0 < tile_size < MIN_TILE_SIZE:
+        raise InputError(
+            f"setting tile_size = {tile_size!r}: expected 0 (one pass) or a whole number >= {MIN_TILE_SIZE} (a tile's "
+            f"core inside margins of {DEFAULT_TILE_MARGIN} voxels; set it with --tile_size)"
+        )
     if "pos_iou" in settings and "neg_iou" in settings and settings["neg_iou"] >= settings["pos_iou"]:
         raise InputError(
-            f"training settings neg_iou = {settings['neg_iou']!r} and pos_iou = {settings['pos_iou']!r}: neg_iou must "
+            f"settings neg_iou = {settings['neg_iou']!r} and pos_iou = {settings['pos_iou']!r}: neg_iou must "
             "be below pos_iou (an anchor below neg_iou is a negative, one above pos_iou a positive)"
         )

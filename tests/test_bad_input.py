@@ -446,29 +446,42 @@ def test_workflow_command_line(kind, make, fragment, tmp_path: Path):
 
 
 SETTING_CASES = [
-    (["--epochs", "0"], "training setting epochs = 0: expected a whole number >= 1 (set it with --epochs)"),
-    (["--batch_size", "2.5"], "training setting batch_size = 2.5: expected a whole number >= 1"),
-    (["--learning_rate", "-0.01"], "training setting learning_rate = -0.01: expected a number > 0"),
-    (["--neg_iou", "0.4"], "training settings neg_iou = 0.4 and pos_iou = 0.3: neg_iou must be below pos_iou"),
+    ("training", ["--epochs", "0"], "setting epochs = 0: expected a whole number >= 1 (set it with --epochs)"),
+    ("training", ["--batch_size", "2.5"], "setting batch_size = 2.5: expected a whole number >= 1"),
+    ("training", ["--learning_rate", "-0.01"], "setting learning_rate = -0.01: expected a number > 0"),
+    ("training", ["--neg_iou", "0.4"], "settings neg_iou = 0.4 and pos_iou = 0.3: neg_iou must be below pos_iou"),
+    ("training", ["--tile_size", "40"], "setting tile_size = 40: expected 0 (one pass) or a whole number >= 80"),
+    ("inference", ["--score_threshold", "1.5"], "setting score_threshold = 1.5: expected a number in [0, 1]"),
+    ("inference", ["--png_top", "-1"], "setting png_top = -1: expected a whole number >= 0"),
+    ("inference", ["--max_detections", "0"], "setting max_detections = 0: expected a whole number >= 1"),
 ]
 
 
-@pytest.mark.parametrize("extra, message", SETTING_CASES, ids=[c[0][0][2:] for c in SETTING_CASES])
-def test_training_setting_refused_before_any_scan_is_read(extra, message, tmp_path: Path):
-    """A setting that cannot work ends the run with one line naming it, before the cache of any scan is built
-    (before this check ``--epochs 0`` failed in Ignite after preprocessing every scan, with a traceback)."""
-    datalist = tmp_path / "datalist.json"
-    scan = {"image": str(_scan(tmp_path)), "seriesuid": "1.2.3", "fold": 0, "nodules": [[0.0, 0.0, 0.0, 8.0]]}
-    datalist.write_text(json.dumps({"scans": [scan]}))
+@pytest.mark.parametrize(
+    "command, extra, message", SETTING_CASES, ids=[f"{c[0]}-{c[1][0][2:]}" for c in SETTING_CASES]
+)
+def test_setting_refused_before_any_scan_is_read(command, extra, message, tmp_path: Path):
+    """A setting that cannot work ends the run with one line naming it, before any scan is read or any file written
+    (before this check ``--epochs 0`` failed in Ignite after preprocessing every scan, with a traceback, and
+    ``--png_top -1`` silently drew a PNG titled "no detections" for a scan with marks)."""
+    scan = _scan(tmp_path)
+    if command == "training":
+        datalist = tmp_path / "datalist.json"
+        entry = {"image": str(scan), "seriesuid": "1.2.3", "fold": 0, "nodules": [[0.0, 0.0, 0.0, 8.0]]}
+        datalist.write_text(json.dumps({"scans": [entry]}))
+        args = _training(tmp_path, datalist, *extra)
+    else:
+        args = _inference(tmp_path, _model(tmp_path), scan, "--network_preset", "lean", *extra)
+    before = set(_files(tmp_path))
     run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *_training(tmp_path, datalist, *extra)], check=False, cwd=REPO,
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, "-m", "monai.bundle", "run", *args], check=False, cwd=REPO, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert run.returncode == 2, run.stderr[-2000:]
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), run.stderr[-2000:]
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()
+    assert set(_files(tmp_path)) == before and not (tmp_path / "cache").exists()
 
 
 # ------------------------------------------------------------ the data tools: python -m bundle froc, prepare-luna16, ...
