@@ -68,6 +68,7 @@ def bench_train(
     from custom_components.loss import DetectionLoss
     from custom_components.network import build_network
     from custom_components.precision import autocast, needs_grad_scaler
+    from custom_components.train_iteration import TRAINING_MEMORY_FORMAT
 
     if not isinstance(augment, bool):  # fire passes ``--augment false`` as the (true) string "false"
         from custom_components.errors import InputError
@@ -94,6 +95,7 @@ def bench_train(
 
     def step() -> float:
         inputs, targets = augmented() if augmentation is not None else (images, boxes)
+        inputs = inputs.to(memory_format=TRAINING_MEMORY_FORMAT)
         optimizer.zero_grad(set_to_none=True)
         with autocast(amp, dev):
             outputs = network(inputs)

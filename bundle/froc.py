@@ -18,9 +18,7 @@ from custom_components.froc_report import (
     write_band_csv,
     write_report,
 )
-from custom_components.luna16 import find_scans
 from custom_components.luna16_tables import read_reference, read_seriesuids, read_submission, score_files
-from custom_components.scan_files import slice_spacing_mm
 
 
 def froc(
@@ -77,6 +75,10 @@ def _by_slice_band(
     """The FROC of each slice-thickness band of the evaluated scans (none without ``scans``)."""
     if scans is None:
         return []
+    # reading scan headers needs the image readers, and with them MONAI (~5 s to import): only --scans pays for it
+    from custom_components.luna16 import find_scans
+    from custom_components.scan_files import slice_spacing_mm
+
     if isinstance(edges, (int, float)):
         edges = [edges]
     if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in edges):

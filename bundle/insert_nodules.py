@@ -18,6 +18,7 @@ def insert_nodules(
     excluded: str | None = None,
     max_size_mm: float | None = None,
     in_plane_mm: float = 0.0,
+    workers: int | None = None,
 ) -> None:
     """Write ``scans`` real chest CTs, varied and with synthetic nodules inserted, under ``out`` in LUNA16's layout.
 
@@ -37,14 +38,17 @@ def insert_nodules(
         excluded: the same for excluded findings; default ``../shared/data/lidc/annotations_excluded.csv``.
         max_size_mm: longest z extent of an output scan (a random window of the lungs); default all of the lungs.
         in_plane_mm: smallest in-plane voxel size of the output (1.0 makes files about half the size).
+        workers: processes writing scans in parallel (default: one per available CPU); the files do not depend on it.
     """
     from bundle.synthetic.hybrid import (
         default_backgrounds,
         default_tables,
         generate_hybrid_cohort,
     )
+    from bundle.synthetic.parallel import check_workers
     from custom_components.atomic import writable_folder
 
+    check_workers(workers)
     writable_folder(out, "the cohort")
 
     if backgrounds is None:
@@ -64,6 +68,7 @@ def insert_nodules(
         excluded=excluded if excluded is not None else default_excluded,
         max_size_mm=max_size_mm,
         in_plane_mm=in_plane_mm,
+        workers=workers,
     )
     seconds = time.perf_counter() - start
     print(

@@ -1,19 +1,28 @@
-"""Ignite metric for validation: LUNA16's FROC (FROC[luna] = CPM, FROC[new]) over the scans of an epoch."""
+"""Ignite pieces of LUNA16's FROC: :class:`FROCMetric` for validation (FROC[luna] = CPM, FROC[new] over the scans of an
+epoch) and :class:`FROCReport`, the evaluator handler that writes the submission and the FROC report."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import ignite.distributed as idist
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
+from monai.apps.utils import get_logger
 
+from custom_components.atomic import writable_folder
 from custom_components.froc import MAX_MARKS, as_rows, froc_scores
+from custom_components.froc_report import format_table, write_report
+from custom_components.luna16_tables import write_submission
 
-__all__ = ["FROCMetric"]
+__all__ = ["FROCMetric", "FROCReport"]
+
+logger = get_logger("nodule_detection")
 
 _Scan = tuple[str, np.ndarray, np.ndarray, np.ndarray]
 
@@ -123,3 +132,52 @@ class FROCMetric(Metric):
             if uid not in marks:
                 marks[uid], nodules[uid], excluded[uid] = scan_marks, scan_nodules, scan_excluded
         return froc_scores(marks, nodules, excluded, list(marks), max_marks=self.max_marks).scores()
+
+
+class FROCReport:
+    """Attached to the evaluator of ``configs/evaluate.json``: collects every scan's marks and, when the run completes,
+    writes the LUNA16 submission CSV and the FROC report (table on the log, ``froc.json``, ``froc.csv``, ``froc.png``).
+
+    Args:
+        output_dir: where ``submission.csv`` and the report go.
+        bootstrap: bootstrap resamples for the 95% confidence intervals (LUNA16: 1000).
+        seed: seed of the resampling.
+        title: title of the plot.
+    """
+
+    def __init__(self, output_dir: str | Path, bootstrap: int = 1000, seed: int = 0, title: str = "FROC") -> None:
+        self.output_dir = Path(output_dir)
+        self.bootstrap = bootstrap
+        self.seed = seed
+        self.title = title
+        self._scans: dict[str, dict[str, Any]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        writable_folder(self.output_dir, "the FROC report")
+        engine.add_event_handler(Events.STARTED, lambda _: self._scans.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._report)
+
+    def _collect(self, engine: Engine) -> None:
+        for scan in engine.state.output:
+            self._scans.setdefault(scan["seriesuid"], scan)
+
+    def _report(self, engine: Engine) -> None:
+        if idist.get_world_size() > 1:
+            self._scans = {k: v for part in idist.all_gather(self._scans) for k, v in part.items()}
+        if idist.get_rank() != 0:
+            return
+        uids = sorted(self._scans)
+        marks = {u: self._scans[u]["marks"] for u in uids}
+        result = froc_scores(
+            marks,
+            {u: self._scans[u]["nodules"] for u in uids},
+            {u: self._scans[u]["excluded"] for u in uids},
+            uids,
+            bootstrap=self.bootstrap,
+            seed=self.seed,
+        )
+        submission = write_submission(marks, self.output_dir / "submission.csv")
+        files = write_report(result, self.output_dir, title=self.title)
+        logger.info("FROC over %d scans\n%s", len(uids), format_table(result))
+        logger.info("wrote %s, %s", submission, ", ".join(str(p) for p in files.values()))

@@ -87,16 +87,36 @@ class SamplingAnchors:
 
 
 class AnchorSampler(Sampler[int]):
-    """Draws ``num_samples`` anchor indices per epoch, uniformly with replacement, from the anchors current at the
-    start of the epoch. A fixed epoch length keeps Ignite's epoch bookkeeping valid while the anchor set grows."""
+    """Draws ``num_samples`` anchor indices per epoch, with replacement, from the anchors current at the start of the
+    epoch. A fixed epoch length keeps Ignite's epoch bookkeeping valid while the anchor set grows.
 
-    def __init__(self, anchors: SamplingAnchors, num_samples: int, seed: int = 0) -> None:
+    Args:
+        anchors: the sampling anchors.
+        num_samples: patches per epoch.
+        seed: seed of the sampler's own generator (saved in checkpoints).
+        gt_share: ``None`` draws uniformly from ``S_gt ∪ S_fp`` (every anchor equally often, as the paper's one patch
+            per anchor). A number in (0, 1] draws a ground-truth anchor with that probability and a false-positive
+            anchor otherwise (each uniformly within its kind), so the share of patches centred on a nodule stays the
+            same however many false positives a provisional test adds; a round without false positives draws only
+            ground truth.
+    """
+
+    def __init__(self, anchors: SamplingAnchors, num_samples: int, seed: int = 0, gt_share: float | None = None) -> None:
         self.anchors = anchors
         self.num_samples = num_samples
+        self.gt_share = None if gt_share is None else float(gt_share)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[int]:
-        yield from torch.randint(len(self.anchors), (self.num_samples,), generator=self.generator).tolist()
+        kinds = torch.from_numpy(self.anchors.anchors[:, 4].copy())
+        gt, fp = torch.nonzero(kinds == GT).squeeze(1), torch.nonzero(kinds == FP).squeeze(1)
+        if self.gt_share is None or len(fp) == 0:
+            yield from torch.randint(len(self.anchors), (self.num_samples,), generator=self.generator).tolist()
+            return
+        pick_gt = torch.rand(self.num_samples, generator=self.generator) < self.gt_share
+        from_gt = gt[torch.randint(len(gt), (self.num_samples,), generator=self.generator)]
+        from_fp = fp[torch.randint(len(fp), (self.num_samples,), generator=self.generator)]
+        yield from torch.where(pick_gt, from_gt, from_fp).tolist()
 
     def __len__(self) -> int:
         return self.num_samples

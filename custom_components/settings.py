@@ -37,9 +37,11 @@ _RULES: dict[str, tuple[bool, float | None, float | None, bool]] = {
     "patches_per_epoch": (True, 1, None, False),
     "patch_size": (True, 16, None, False),
     "num_workers": (True, 0, None, False),
+    "preprocess_workers": (True, 0, None, False),
     "jitter": (True, 0, None, False),
     "hard_negatives": (True, 0, None, False),
     "fp_per_scan": (True, 0, None, False),
+    "gt_share": (False, 0, 1, True),
     "lr_patience": (True, 0, None, False),
     "learning_rate": (False, 0, None, True),
     "momentum": (False, 0, 1, False),
@@ -54,6 +56,8 @@ _RULES: dict[str, tuple[bool, float | None, float | None, bool]] = {
     "sliding_window_size": (True, SIZE_DIVISIBLE, None, False),
     "tile_size": (True, 0, None, False),
 }
+#: settings whose ``None`` means "not used" (``gt_share``: draw uniformly from all sampling anchors)
+_MAY_BE_NONE = {"gt_share"}
 
 
 def _expectation(whole: bool, low: float | None, high: float | None, low_excluded: bool) -> str:
@@ -80,6 +84,8 @@ def check_settings(**settings: Any) -> None:
         if name not in settings:
             continue
         value = settings[name]
+        if value is None and name in _MAY_BE_NONE:
+            continue
         ok = _whole(value) if whole else _real(value)
         if ok and low is not None:
             ok = value > low if low_excluded else value >= low

@@ -23,6 +23,13 @@ from monai.utils.enums import CommonKeys as Keys
 
 from custom_components.precision import autocast
 
+__all__ = ["TRAINING_MEMORY_FORMAT", "detection_iteration"]
+
+#: Layout of a training batch ``(B, 1, γ, γ, γ)``: oneDNN's 3D convolutions and :class:`~custom_components.network.RReLU`
+#: run a lean training step ~30 % faster on channels-last activations on a CPU (``docs/performance.md``); the network's
+#: weights keep the default layout, so inference on whole scans is unchanged.
+TRAINING_MEMORY_FORMAT = torch.channels_last_3d
+
 
 def detection_iteration(engine: SupervisedTrainer, batch: dict[str, Any]) -> dict[str, Any]:
     """One SGD step on a batch of patches.
@@ -36,7 +43,7 @@ def detection_iteration(engine: SupervisedTrainer, batch: dict[str, Any]) -> dic
         ``{"loss", "loss_cls", "loss_reg", "num_pos", "num_neg"}`` as Python numbers (``engine.state.output``).
     """
     device = engine.state.device
-    images = batch["image"].to(device, non_blocking=engine.non_blocking)
+    images = batch["image"].to(device, non_blocking=engine.non_blocking, memory_format=TRAINING_MEMORY_FORMAT)
     boxes = [b.to(device) for b in batch["boxes"]]
     ignore = [b.to(device) for b in batch["ignore"]]
     engine.network.train()

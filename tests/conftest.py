@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # ``pytest -n 2`` runs two workers on a 2-core machine: one torch thread each (and in every subprocess a test
+    # starts) keeps them from oversubscribing the cores with four spinning OpenMP threads
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 LIDC_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc"
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."

@@ -110,14 +110,15 @@ def test_cli_writes_luna16_layout_that_prepare_reads(backgrounds, tmp_path: Path
 def test_same_seed_same_bytes_other_seed_other_scans(backgrounds, tmp_path: Path) -> None:
     paths, annotations, excluded = backgrounds
 
-    def files(folder: Path, seed: int) -> dict[str, bytes]:
+    def files(folder: Path, seed: int, workers: int) -> dict[str, bytes]:
         generate_hybrid_cohort(folder, paths, scans=2, seed=seed, annotations=annotations, excluded=excluded,
-                               max_size_mm=110, progress=False)  # fmt: skip
+                               max_size_mm=110, progress=False, workers=workers)  # fmt: skip
         return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    first, again = files(tmp_path / "a", 5), files(tmp_path / "b", 5)
+    # one process, then two in parallel: the same files (each scan from its own seed, rows gathered in scan order)
+    first, again = files(tmp_path / "a", 5, 1), files(tmp_path / "b", 5, 2)
     assert first == again and len(first) == 7  # 2 x (.mhd + .raw) + 3 tables
-    other = files(tmp_path / "c", 6)
+    other = files(tmp_path / "c", 6, 2)
     raws = lambda f: sorted(v for k, v in f.items() if k.endswith(".raw"))  # noqa: E731
     assert not set(raws(first)) & set(raws(other))
 

@@ -69,6 +69,27 @@ def test_rrelu_is_random_in_train_and_deterministic_in_eval():
         assert torch.equal(net(x)[0], net(x)[0])
 
 
+def test_rrelu_train_mode_is_nn_rrelu_drawn_as_one_tensor():
+    """Train mode: positives unchanged, each negative times its own slope in [lower, upper], the gradient that same
+    factor (as ``nn.RReLU``); eval mode: ``nn.RReLU``'s leaky ReLU with the mean slope, exactly."""
+    from custom_components.network import RReLU
+
+    torch.manual_seed(0)
+    act = RReLU()
+    x = torch.randn(4, 8, 16, 16, 16).to(memory_format=torch.channels_last_3d).requires_grad_()
+    y = act(x)
+    y.sum().backward()
+    factor = (y / x).detach()
+    negative = x.detach() < 0
+    assert torch.equal(y[~negative], x[~negative])
+    assert factor[negative].min() >= act.lower and factor[negative].max() <= act.upper
+    assert len(torch.unique(factor[negative])) > 0.9 * int(negative.sum())  # a slope per element, not per tensor
+    assert abs(float(factor[negative].mean()) - (act.lower + act.upper) / 2) < 0.005
+    assert torch.allclose(x.grad, factor)
+    act.eval()
+    assert torch.equal(act(x.detach()), torch.nn.RReLU().eval()(x.detach()))
+
+
 def test_torchscript_round_trip():
     torch.manual_seed(0)
     net = build_network("lean").eval()

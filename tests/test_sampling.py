@@ -86,6 +86,19 @@ def test_sampler_draws_from_the_anchors_current_at_each_epoch():
     assert max(second) >= 3, "new false-positive anchors must be drawn in the next epoch"
 
 
+def test_sampler_keeps_the_ground_truth_share_when_false_positives_join():
+    anchors = SamplingAnchors(_scans())  # 3 ground-truth anchors
+    sampler = AnchorSampler(anchors, num_samples=4000, seed=2, gt_share=0.75)
+    assert max(sampler) < 3  # round 0: no false positives yet, every patch on a nodule
+    anchors.update({1: np.random.rand(30, 3)})  # 30 false positives against 3 nodules
+    drawn = np.array(list(sampler))
+    kinds = anchors.anchors[drawn, 4]
+    assert abs((kinds == GT).mean() - 0.75) < 0.03  # uniform over the union would give 3/33
+    assert len(np.unique(drawn[kinds == FP])) == 30 and len(np.unique(drawn[kinds == GT])) == 3
+    uniform = np.array(list(AnchorSampler(anchors, num_samples=4000, seed=2)))
+    assert abs((anchors.anchors[uniform, 4] == GT).mean() - 3 / 33) < 0.02
+
+
 def test_crop_patch_pads_outside_the_volume_with_zero():
     image = np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4)
     patch = crop_patch(image, np.array([-1, 2, 0]), 3)
@@ -137,3 +150,15 @@ def test_patch_dataset_with_augmentation_keeps_boxes_on_the_nodule():
     np.testing.assert_allclose(box[:3], peak, atol=1e-4)
     batch = collate_patches([item, dataset[1]])
     assert batch["image"].shape == (2, 1, 16, 16, 16) and len(batch["boxes"]) == 2
+
+
+@pytest.mark.parametrize("share, ok", [(None, True), (0.5, True), (1.0, True), (0.0, False), (1.5, False), ("0.5", False)])
+def test_gt_share_setting_is_none_or_a_share_above_zero(share, ok):
+    from custom_components.errors import InputError
+    from custom_components.settings import check_settings
+
+    if ok:
+        check_settings(gt_share=share)
+    else:
+        with pytest.raises(InputError, match=r"setting gt_share = .*: expected a number in \(0, 1\]"):
+            check_settings(gt_share=share)

@@ -12,13 +12,13 @@ Coordinates are LPS world mm; a scan's ``Offset`` is the world position of voxel
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from bundle.synthetic.anatomy import HU, ChestAnatomy, LungField, Tube
 from bundle.synthetic.imaging import (
@@ -36,6 +36,7 @@ from bundle.synthetic.mimics import (
 )
 from bundle.synthetic.nodules import Nodule, place_nodules, sample_nodule_count
 from bundle.synthetic.noise import SmoothField
+from bundle.synthetic.parallel import map_scans
 from bundle.synthetic.raster import ScanGrid, paint_capsules, paint_spheres
 from bundle.synthetic.vessels import VesselTrees, grow_vessel_trees
 from custom_components.atomic import atomic_write
@@ -198,8 +199,20 @@ def _remove_stale_scans(out: Path, keep: set[str]) -> None:
             path.unlink()
 
 
+def _make_scan(out: Path, seed: int, full_size: bool, index: int) -> tuple[list[str], list[str]]:
+    """Synthesize scan ``index`` and write it under ``out``; its annotation and excluded-finding CSV rows."""
+    scan = synthesize_scan(seed, index, full_size)
+    write_scan(scan, out)
+    return _rows(scan.seriesuid, scan.nodules), _rows(scan.seriesuid, scan.excluded)
+
+
 def generate_cohort(
-    out: str | os.PathLike, scans: int = 40, seed: int = 0, full_size: bool = False, progress: bool = True
+    out: str | os.PathLike,
+    scans: int = 40,
+    seed: int = 0,
+    full_size: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
     """Write a synthetic chest-CT cohort of ``scans`` scans in LUNA16's layout under ``out`` (see module docstring).
 
@@ -209,6 +222,7 @@ def generate_cohort(
         seed: cohort seed (>= 0); the same seed writes byte-identical files.
         full_size: LUNA16-sized adult scans (512 x 512, 100-400 slices) instead of the small default chests.
         progress: show a tqdm progress bar over the scans.
+        workers: processes writing scans in parallel (default: one per available CPU); the files do not depend on it.
 
     Returns:
         summary: ``{"out", "scans", "nodules", "excluded", "scans_without_nodules"}``.
@@ -226,13 +240,10 @@ def generate_cohort(
     out.mkdir(parents=True, exist_ok=True)
     uids = [seriesuid(seed, i) for i in range(scans)]
     _remove_stale_scans(out, set(uids))
-    annotations, excluded, empty = [], [], 0
-    for index in tqdm(range(scans), desc="synth", unit="scan", disable=not progress):
-        scan = synthesize_scan(seed, index, full_size)
-        write_scan(scan, out)
-        annotations += _rows(scan.seriesuid, scan.nodules)
-        excluded += _rows(scan.seriesuid, scan.excluded)
-        empty += not scan.nodules
+    rows = map_scans(functools.partial(_make_scan, out, seed, full_size), range(scans), workers, "synth", progress)
+    annotations = [row for nodules, _ in rows for row in nodules]
+    excluded = [row for _, findings in rows for row in findings]
+    empty = sum(not nodules for nodules, _ in rows)
     for name, rows in (("annotations.csv", annotations), ("annotations_excluded.csv", excluded)):
         with atomic_write(out / name) as f:
             f.write(CSV_HEADER + "".join(rows))

@@ -24,6 +24,7 @@ the output scan. Arrays are numpy in SimpleITK order ``(k, j, i)``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from tqdm import tqdm
 
 from bundle.synthetic.cohort import CSV_HEADER, HU_RANGE, UID_ROOT, metaimage_header
 from bundle.synthetic.insertion import (
@@ -43,6 +43,7 @@ from bundle.synthetic.insertion import (
     lesion_extent,
 )
 from bundle.synthetic.nodules import make_nodule, sample_diameters, sample_nodule_count
+from bundle.synthetic.parallel import map_scans
 from bundle.synthetic.raster import ScanGrid
 from custom_components.atomic import atomic_write
 from custom_components.errors import InputError
@@ -520,6 +521,24 @@ def _rows(uid: str, rows: list[list[float]]) -> list[str]:
     return [f"{uid},{x:.6f},{y:.6f},{z:.6f},{d:.6f}\n" for x, y, z, d in rows]
 
 
+#: The loaded backgrounds of the cohort being written, set in each worker process by :func:`_share_backgrounds`.
+_backgrounds: list[Background] = []
+
+
+def _share_backgrounds(loaded: list[Background]) -> None:
+    """Worker initializer: the forked worker sees the parent's loaded backgrounds without a copy through a pipe."""
+    _backgrounds[:] = loaded
+
+
+def _make_scan(
+    out: Path, seed: int, max_size_mm: float | None, in_plane_mm: float, index: int
+) -> tuple[list[str], list[str], int]:
+    """Make hybrid scan ``index`` from background ``index % len`` and write it; its CSV rows and inserted count."""
+    scan = make_hybrid_scan(_backgrounds[index % len(_backgrounds)], seed, index, max_size_mm, in_plane_mm)
+    _write_scan(scan, out)
+    return _rows(scan.seriesuid, scan.nodules), _rows(scan.seriesuid, scan.excluded), len(scan.lesions)
+
+
 def generate_hybrid_cohort(
     out: str | os.PathLike,
     backgrounds: list[str | os.PathLike],
@@ -530,10 +549,12 @@ def generate_hybrid_cohort(
     max_size_mm: float | None = None,
     in_plane_mm: float = 0.0,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
     """Write ``scans`` hybrid scans under ``out`` in LUNA16's layout; scan ``i`` uses background ``i % len``.
 
-    The same arguments write byte-identical files. Hybrid scans of an earlier run in ``out`` that this run does not
+    The same arguments write byte-identical files, whatever the number of ``workers`` (processes writing scans in
+    parallel; default one per available CPU). Hybrid scans of an earlier run in ``out`` that this run does not
     rewrite are deleted (only files named with :data:`HYBRID_UID_ROOT`).
 
     Returns:
@@ -565,13 +586,14 @@ def generate_hybrid_cohort(
     for path in out.glob("subset[0-9]/*"):
         if pattern.fullmatch(path.name) and path.with_suffix("").name not in uids:
             path.unlink()
-    nodule_rows, excluded_rows, inserted = [], [], 0
-    for index in tqdm(range(scans), desc="insert-nodules", unit="scan", disable=not progress):
-        scan = make_hybrid_scan(loaded[index % len(loaded)], seed, index, max_size_mm, in_plane_mm)
-        _write_scan(scan, out)
-        nodule_rows += _rows(scan.seriesuid, scan.nodules)
-        excluded_rows += _rows(scan.seriesuid, scan.excluded)
-        inserted += len(scan.lesions)
+    made = map_scans(
+        functools.partial(_make_scan, out, seed, max_size_mm, in_plane_mm), range(scans), workers, "insert-nodules",
+        progress, initializer=_share_backgrounds, initargs=(loaded,),
+    )
+    _backgrounds.clear()  # set here too when a single worker ran in this process
+    nodule_rows = [row for nodules, _, _ in made for row in nodules]
+    excluded_rows = [row for _, findings, _ in made for row in findings]
+    inserted = sum(count for _, _, count in made)
     for name, rows in (("annotations.csv", nodule_rows), ("annotations_excluded.csv", excluded_rows)):
         with atomic_write(out / name) as f:
             f.write(CSV_HEADER + "".join(rows))
