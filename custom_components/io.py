@@ -25,10 +25,11 @@ from monai.data import ImageReader
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys
 
-from custom_components.compressed_data import check_nifti_gz, check_zlib_stream
+from custom_components.compressed_data import ZlibStream, check_nifti_gz, check_zlib_stream
 from custom_components.dicom_series import read_dicom_series
 from custom_components.errors import InputError
 from custom_components.metaimage import check_metaimage
+from custom_components.native_stderr import native_stderr
 from custom_components.nifti import check_nifti_finite
 from custom_components.volume_checks import AIR_MAX_HU, check_ct_values, check_finite, check_grid
 
@@ -142,10 +143,8 @@ def read_image(
             reader.ReadImageInformation()  # the header only: the grid is checked before the voxels are allocated
             _check_shape(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
             check_grid(path, reader.GetSize(), reader.GetSpacing(), check_size)
-            image = reader.Execute()
-            if stream is not None:
-                check_zlib_stream(path, stream, sitk.GetArrayViewFromImage(image))
-            elif path.name.lower().endswith((".nii", ".nii.gz")):
+            image = reader.Execute() if stream is None else _read_zlib_metaimage(path, reader, stream)
+            if path.name.lower().endswith((".nii", ".nii.gz")):
                 voxels = sitk.GetArrayViewFromImage(image)
                 as_stored = path.name.lower().endswith(".gz") and check_nifti_gz(path, voxels)
                 if not as_stored and np.issubdtype(voxels.dtype, np.floating):
@@ -159,6 +158,28 @@ def read_image(
     if check_hu:
         check_ct_values(voxels, path)
     return LoadedImage(image, str(path), seriesuid)
+
+
+# what ITK's MetaIO writes to the process's stderr for a damaged stream: said again, and better, by the InputError
+_ITK_DAMAGE_MESSAGES = ("Uncompress failed",)
+
+
+def _read_zlib_metaimage(path: Path, reader: sitk.ImageFileReader, stream: ZlibStream) -> sitk.Image:
+    """``reader.Execute()`` of a MetaImage with a zlib stream (``.zraw``), its voxels checked against the stream.
+
+    ITK decodes a damaged stream without raising and prints ``Uncompress failed`` to the process's stderr; when the
+    check refuses the file, its ``InputError`` (file, damage, where) replaces that line. Anything else ITK wrote is
+    passed on.
+    """
+    with native_stderr() as itk_said:
+        image = reader.Execute()
+    try:
+        check_zlib_stream(path, stream, sitk.GetArrayViewFromImage(image))
+    except InputError:
+        itk_said.replay(drop=_ITK_DAMAGE_MESSAGES)
+        raise
+    itk_said.replay()
+    return image
 
 
 def array_ijk(image: sitk.Image) -> np.ndarray:
