@@ -5,6 +5,7 @@ These run the real bundle configs (``configs/train.json`` + ``configs/demo.json`
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -92,11 +93,17 @@ def test_a_short_training_learns_to_find_a_training_nodule(cohort, tmp_path):
     scan = next(s for s in scans if len(s.nodules_voxel) and s.nodules_voxel[0, 3] >= 5)
     nodule = scan.nodules_voxel[0]
     before, _ = _nodule_vs_background(parser, scan, nodule)
-    parser.get_parsed_content("train#trainer").run()
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.run()
     after, background = _nodule_vs_background(parser, scan, nodule)
     assert after > before + 0.1, (before, after)
     # well above the typical background of the whole scan (which, after two rounds, is back near the prior)
     assert after > background + 0.2, (after, background)
+    # the trainer's "best" training loss (logged as its key metric every epoch) is the lowest epoch's, not the highest
+    with open(tmp_path / "eval" / "metrics.csv") as table:
+        losses = [float(row["train_loss"]) for row in csv.DictReader(table)]
+    assert trainer.state.best_metric == pytest.approx(min(losses), rel=1e-6)
+    assert trainer.state.best_metric_epoch == 1 + losses.index(min(losses))
 
 
 def _training_command(cohort: Path, bundle_root: Path, *args: str) -> list[str]:
