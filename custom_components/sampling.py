@@ -108,11 +108,11 @@ class AnchorSampler(Sampler[int]):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[int]:
-        kinds = torch.from_numpy(self.anchors.anchors[:, 4].copy())
-        gt, fp = torch.nonzero(kinds == GT).squeeze(1), torch.nonzero(kinds == FP).squeeze(1)
-        if self.gt_share is None or len(fp) == 0:
+        kinds = self.anchors.anchors[:, 4]
+        if self.gt_share is None or not np.any(kinds == FP):
             yield from torch.randint(len(self.anchors), (self.num_samples,), generator=self.generator).tolist()
             return
+        gt, fp = torch.from_numpy(np.flatnonzero(kinds == GT)), torch.from_numpy(np.flatnonzero(kinds == FP))
         pick_gt = torch.rand(self.num_samples, generator=self.generator) < self.gt_share
         from_gt = gt[torch.randint(len(gt), (self.num_samples,), generator=self.generator)]
         from_fp = fp[torch.randint(len(fp), (self.num_samples,), generator=self.generator)]
